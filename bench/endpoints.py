@@ -1,0 +1,103 @@
+"""What the load generators send: real CIFAR-10 test images as pre-serialized gRPC requests.
+
+Requests are serialized once, before the clock starts, and responses are left as bytes while
+measuring (a sample is decoded afterwards to check the answers), so the load generator spends
+its CPU on gRPC, not protobuf: on a 2-core machine the client shares the cores with the server.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from bench import v2proto
+from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
+from training import data as cifar
+
+NATIVE_CLASSIFY = "/cifar10.classifier.v1.Classifier/Classify"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One API method with its request payloads (cycled) and how to read a response's top-1 class."""
+
+    protocol: str  # "native" | "v2"
+    input_form: str  # "raw" | "png"
+    method: str
+    requests: list[bytes]
+    labels: np.ndarray  # true class of requests[i]
+    top1_of: Callable[[bytes], int]
+
+    def accuracy(self, responses: list[tuple[int, bytes]]) -> float:
+        """Top-1 agreement with the labels over (request index, response bytes) samples."""
+        if not responses:
+            return float("nan")
+        hits = sum(self.top1_of(body) == int(self.labels[i % len(self.labels)]) for i, body in responses)
+        return hits / len(responses)
+
+
+def cifar_test_images(count: int, data_dir: Path | None = None) -> cifar.Split:
+    """The first `count` CIFAR-10 test images (rows 0..1016 are bit-exact pixels)."""
+    directory = data_dir or cifar.default_data_dir()
+    if directory is None:
+        raise SystemExit("CIFAR-10 not found: set CIFAR10_DIR or place it at ../shared/data/cifar-10-batches-py")
+    return cifar.read_batch(Path(directory) / cifar.TEST_FILE).take(slice(0, count))
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def native_endpoint(images: cifar.Split, input_form: str, model_name: str = "") -> Endpoint:
+    def image_of(pixels: np.ndarray) -> pb.Image:
+        if input_form == "png":
+            return pb.Image(encoded=png_bytes(pixels))
+        height, width, channels = pixels.shape
+        return pb.Image(raw=pb.RawPixels(data=pixels.tobytes(), height=height, width=width, channels=channels))
+
+    requests = [pb.ClassifyRequest(image=image_of(p), model_name=model_name).SerializeToString() for p in images.images]
+
+    def top1_of(body: bytes) -> int:
+        return pb.ClassifyResponse.FromString(body).predictions[0].class_index
+
+    return Endpoint("native", input_form, NATIVE_CLASSIFY, requests, images.labels, top1_of)
+
+
+def v2_endpoint(images: cifar.Split, channel: grpc.Channel, model_name: str, v2) -> Endpoint:
+    """ModelInfer with one uint8 [1, 32, 32, 3] image in raw_input_contents (both servers accept it).
+
+    The input's name and datatype come from the server's ModelMetadata, as a V2 client would do.
+    """
+    metadata_call = channel.unary_unary(
+        v2proto.method("ModelMetadata"), request_serializer=v2.ModelMetadataRequest.SerializeToString,
+        response_deserializer=v2.ModelMetadataResponse.FromString,
+    )
+    metadata = metadata_call(v2.ModelMetadataRequest(name=model_name), timeout=10)
+    tensor = metadata.inputs[0] if metadata.inputs else None
+    input_name = tensor.name if tensor and tensor.name else "images"
+    datatype = tensor.datatype if tensor and tensor.datatype else "UINT8"
+    requests = []
+    for pixels in images.images:
+        values = pixels if datatype == "UINT8" else (pixels.astype(np.float32) / 255.0)
+        request = v2.ModelInferRequest(model_name=model_name)
+        request.inputs.add(name=input_name, datatype=datatype, shape=[1, *pixels.shape])
+        request.raw_input_contents.append(np.ascontiguousarray(values).tobytes())
+        requests.append(request.SerializeToString())
+
+    def top1_of(body: bytes) -> int:
+        response = v2.ModelInferResponse.FromString(body)
+        if response.raw_output_contents:
+            scores = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
+        else:
+            scores = np.asarray(response.outputs[0].contents.fp32_contents, dtype=np.float32)
+        return int(np.argmax(scores))
+
+    return Endpoint("v2", "raw", v2proto.method("ModelInfer"), requests, images.labels, top1_of)

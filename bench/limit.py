@@ -1,0 +1,75 @@
+"""The limit: raw onnxruntime in this process on the same model file, no server, no network.
+
+Same session settings as the server (intra-op threads, one inter-op thread, sequential, full
+graph optimisation), fed real test images; every batch size is timed and the best is the
+throughput ceiling the servers are measured against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass
+class LimitResult:
+    model: str
+    intra_op_threads: int
+    per_batch: dict[int, dict[str, float]]  # batch size -> {"throughput", "p50_ms", "p99_ms"}
+
+    @property
+    def best_batch(self) -> int:
+        return max(self.per_batch, key=lambda b: self.per_batch[b]["throughput"])
+
+    @property
+    def best_throughput(self) -> float:
+        return self.per_batch[self.best_batch]["throughput"]
+
+    @property
+    def batch1_p50_ms(self) -> float:
+        return self.per_batch[1]["p50_ms"]
+
+    def summary(self) -> dict:
+        return {"model": self.model, "intra_op_threads": self.intra_op_threads, "best_batch": self.best_batch,
+                "best_throughput": round(self.best_throughput, 1), "batch1_p50_ms": round(self.batch1_p50_ms, 3),
+                "per_batch": {str(b): {k: round(v, 3) for k, v in r.items()} for b, r in self.per_batch.items()}}
+
+
+def session(model_path: Path, intra_op_threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def measure(model_path: Path, images: np.ndarray, intra_op_threads: int, seconds_per_size: float,
+            batch_sizes: tuple[int, ...] = BATCH_SIZES, label: str = "") -> LimitResult:
+    runner = session(model_path, intra_op_threads)
+    input_name, output_name = runner.get_inputs()[0].name, runner.get_outputs()[0].name
+    per_batch = {}
+    for size in batch_sizes:
+        batch = np.ascontiguousarray(np.resize(images, (size, *images.shape[1:])))
+        for _ in range(3):  # warm-up: first runs of a shape allocate
+            runner.run([output_name], {input_name: batch})
+        times = []
+        began = time.perf_counter()
+        while time.perf_counter() - began < seconds_per_size or len(times) < 5:
+            t0 = time.perf_counter()
+            runner.run([output_name], {input_name: batch})
+            times.append(time.perf_counter() - t0)
+        elapsed = np.asarray(times)
+        per_batch[size] = {"throughput": size * len(elapsed) / elapsed.sum(),
+                           "p50_ms": float(np.percentile(elapsed, 50) * 1000),
+                           "p99_ms": float(np.percentile(elapsed, 99) * 1000)}
+        print(f"  limit {label or model_path}: batch {size:4d}: {per_batch[size]['throughput']:8.1f} img/s  "
+              f"p50 {per_batch[size]['p50_ms']:7.2f} ms", flush=True)
+    return LimitResult(str(model_path), intra_op_threads, per_batch)

@@ -1,0 +1,206 @@
+"""Results -> targets (met / missed), a markdown table, PNG charts and the raw JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+FP32 = "cifar10"
+INT8 = "cifar10-int8"
+
+
+def _scenarios(results: dict) -> dict[str, dict]:
+    return {s["key"]: s for s in results.get("scenarios", [])}
+
+
+def _closed(scenario: dict | None) -> list[dict]:
+    return [r for r in (scenario or {}).get("runs", []) if r["mode"] == "closed"]
+
+
+def _at(scenario: dict | None, concurrency: int) -> dict | None:
+    return next((r for r in _closed(scenario) if r["concurrency"] == concurrency), None)
+
+
+def saturation(scenario: dict | None) -> float:
+    """The best closed-loop throughput of a row (images/s)."""
+    return max((r["throughput"] for r in _closed(scenario)), default=float("nan"))
+
+
+def _target(name: str, measured: str, met: bool | None, detail: str = "") -> dict:
+    return {"target": name, "measured": measured, "met": met, "detail": detail}
+
+
+def targets(results: dict) -> list[dict]:
+    rows = _scenarios(results)
+    limit = results.get("limits", {}).get(FP32)
+    found = []
+    if limit:
+        best, batch1 = limit["best_throughput"], limit["batch1_p50_ms"]
+        for key, share in (("ours-raw", 0.8), ("ours-png", 0.7)):
+            if key in rows:
+                ratio = saturation(rows[key]) / best
+                found.append(_target(
+                    f"{key} saturation >= {share:.0%} of raw onnxruntime's best",
+                    f"{saturation(rows[key]):.0f} / {best:.0f} img/s = {ratio:.0%}", ratio >= share,
+                    f"limit at batch {limit['best_batch']}"))
+        first = _at(rows.get("ours-raw"), 1)
+        if first:
+            found.append(_target("ours-raw p50 at concurrency 1 <= raw onnxruntime batch-1 p50 + 1 ms",
+                                 f"{first['p50_ms']:.2f} ms vs {batch1:.2f} + 1 ms", first["p50_ms"] <= batch1 + 1.0))
+    ours_key = "ours-v2" if "ours-v2" in rows else "ours-raw"
+    if "mlserver-v2" in rows and ours_key in rows:
+        for concurrency in (16, 64):
+            ours, peer = _at(rows[ours_key], concurrency), _at(rows["mlserver-v2"], concurrency)
+            if not (ours and peer):
+                continue
+            ratio = ours["throughput"] / peer["throughput"] if peer["throughput"] else math.inf
+            found.append(_target(
+                f"{ours_key} >= 1.5x MLServer throughput at c={concurrency}, p99 no worse",
+                f"{ratio:.2f}x ({ours['throughput']:.0f} vs {peer['throughput']:.0f} img/s); "
+                f"p99 {ours['p99_ms']:.1f} vs {peer['p99_ms']:.1f} ms",
+                ratio >= 1.5 and ours["p99_ms"] <= peer["p99_ms"],
+                "protocol for protocol (V2 vs V2)" if ours_key == "ours-v2" else "our native API vs the peer's V2"))
+    startup = results.get("servers", {}).get("ours-startup")
+    if startup:
+        found.append(_target("startup (process start -> health SERVING) <= 2 s", f"{startup['startup_s']:.2f} s",
+                             startup["startup_s"] <= 2.0))
+    ours = results.get("servers", {}).get("ours", {})
+    rss = max([v for k, v in ours.items() if "rss" in k] or [float("nan")])
+    if not math.isnan(rss):
+        found.append(_target("serving RSS <= 300 MB (after the load runs)", f"{rss:.0f} MB", rss <= 300))
+    return found
+
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [f"# Benchmark results ({results['mode']} mode)", ""]
+    if not results.get("valid", False):
+        lines += ["**NOT VALID: a training run was using the CPU during this run; numbers only show that the "
+                  "harness works.**", ""]
+    lines += [
+        f"{env['date_utc']} UTC, {env['cpu']}, {env['cores']} cores, Python {env['python']}, "
+        f"onnxruntime {env['onnxruntime']}, grpcio {env['grpcio']}. onnxruntime intra-op threads: "
+        f"{results['threads']} (server, limit and peer). Each point: {results['plan']['warmup_s']:g} s warm-up, "
+        f"{results['plan']['duration_s']:g} s measured. Command: `{env['command']}`.", "",
+    ]
+    for model, limit in results.get("limits", {}).items():
+        lines += [f"## Limit: raw onnxruntime in-process, `{model}`", "",
+                  "| batch | img/s | p50 ms | p99 ms |", "|---:|---:|---:|---:|"]
+        for batch, row in limit["per_batch"].items():
+            mark = " **best**" if int(batch) == limit["best_batch"] else ""
+            lines.append(f"| {batch}{mark} | {_fmt(row['throughput'])} | {_fmt(row['p50_ms'], 2)} | {_fmt(row['p99_ms'], 2)} |")
+        lines.append("")
+    lines += ["## Load runs", "",
+              "Closed loop: `c` clients each with one request in flight. Open loop: a fixed request rate, latency "
+              "from the scheduled send time. One image per request.", "",
+              "| row | load | img/s | p50 ms | p95 ms | p99 ms | max ms | errors | mean batch | server CPU ms/img "
+              "| client CPU ms/img | top-1 (sample) |",
+              "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for scenario in results.get("scenarios", []):
+        for run in scenario["runs"]:
+            load = f"c={run['concurrency']}" if run["mode"] == "closed" else f"open {run['target_rate']:g}/s"
+            errors = ", ".join(f"{k} {v}" for k, v in run["errors"].items()) or "0"
+            lines.append(
+                f"| {scenario['key']} | {load} | {_fmt(run['throughput'])} | {_fmt(run['p50_ms'], 2)} | "
+                f"{_fmt(run['p95_ms'], 2)} | {_fmt(run['p99_ms'], 2)} | {_fmt(run['max_ms'], 2)} | {errors} | "
+                f"{_fmt(run.get('mean_batch'), 1)} | {_fmt(run.get('server_cpu_ms_per_image'), 2)} | "
+                f"{_fmt(run['client_cpu_s'] * 1000 / run['ok'] if run['ok'] else None, 2)} | "
+                f"{_fmt(run['accuracy'] * 100 if run['accuracy'] == run['accuracy'] else None, 0)}% |")
+    lines += ["", "Rows: " + "; ".join(f"`{s['key']}`: {s['title']}" for s in results.get("scenarios", [])), ""]
+    lines += ["## Batch sizes the server formed (classifier_batch_size, per run incl. warm-up)", "",
+              "| run | mean | batches by size |", "|---|---:|---|"]
+    for scenario in results.get("scenarios", []):
+        for label, formed in scenario.get("batch_sizes", {}).items():
+            spread = ", ".join(f"{size}: {count}" for size, count in formed["batches"].items())
+            lines.append(f"| {label} | {_fmt(formed['mean'], 1)} | {spread} |")
+    lines += ["", "## Servers", "", "| server | startup s | idle RSS MB | RSS after load MB |", "|---|---:|---:|---:|"]
+    for name, server in results.get("servers", {}).items():
+        lines.append(f"| {name} | {_fmt(server.get('startup_s'), 2)} | {_fmt(server.get('idle_rss_mb'), 0)} | "
+                     f"{_fmt(server.get('rss_after_load_mb'), 0)} |")
+    rows = _scenarios(results)
+    if "int8-raw" in rows and "ours-raw" in rows:
+        limits = results.get("limits", {})
+        lines += ["", "## int8 vs fp32", "",
+                  f"Served saturation: int8 {saturation(rows['int8-raw']):.0f} vs fp32 {saturation(rows['ours-raw']):.0f} "
+                  f"img/s ({saturation(rows['int8-raw']) / saturation(rows['ours-raw']):.2f}x)."]
+        if INT8 in limits and FP32 in limits:
+            lines.append(f"Raw onnxruntime: int8 {limits[INT8]['best_throughput']:.0f} vs fp32 "
+                         f"{limits[FP32]['best_throughput']:.0f} img/s "
+                         f"({limits[INT8]['best_throughput'] / limits[FP32]['best_throughput']:.2f}x).")
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for target in results.get("targets", []):
+        verdict = "met" if target["met"] else "**missed**"
+        detail = f" ({target['detail']})" if target["detail"] else ""
+        lines.append(f"| {target['target']} | {target['measured']}{detail} | {verdict} |")
+    examples = {code: detail for s in results.get("scenarios", []) for r in s["runs"]
+                for code, detail in r.get("error_examples", {}).items()}
+    if examples:
+        lines += ["", "## Errors seen", ""] + [f"- `{code}`: {detail}" for code, detail in examples.items()]
+    if results.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def throughput_chart(results: dict, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for scenario in results.get("scenarios", []):
+        runs = _closed(scenario)
+        if runs:
+            axes.plot([r["concurrency"] for r in runs], [r["throughput"] for r in runs], marker="o", label=scenario["key"])
+    for model, limit in results.get("limits", {}).items():
+        axes.axhline(limit["best_throughput"], linestyle="--", color="grey" if model == FP32 else "silver",
+                     label=f"raw onnxruntime {model} (batch {limit['best_batch']})")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("concurrent clients (closed loop)")
+    axes.set_ylabel("images / s")
+    axes.set_title("Throughput vs concurrency" + ("" if results.get("valid") else " (NOT VALID: CPU busy)"))
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def latency_chart(results: dict, path: Path) -> None:
+    concurrencies = results["plan"]["concurrencies"]
+    scenarios = [s for s in results.get("scenarios", []) if _closed(s)]
+    figure, axes = plt.subplots(1, len(concurrencies), figsize=(4 * len(concurrencies), 4.5), sharey=True)
+    width = 0.8 / max(1, len(scenarios))
+    for ax, concurrency in zip(axes, concurrencies):
+        for i, scenario in enumerate(scenarios):
+            run = _at(scenario, concurrency)
+            if run:
+                values = [run["p50_ms"], run["p95_ms"], run["p99_ms"]]
+                ax.bar([x + i * width for x in range(3)], values, width, label=scenario["key"])
+        ax.set_xticks([x + width * (len(scenarios) - 1) / 2 for x in range(3)], ["p50", "p95", "p99"])
+        ax.set_title(f"c={concurrency}")
+        ax.set_yscale("log")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].set_ylabel("latency, ms (log)")
+    axes[-1].legend(fontsize=7)
+    figure.suptitle("Latency percentiles" + ("" if results.get("valid") else " (NOT VALID: CPU busy)"))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write(results: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md", out / "throughput_vs_concurrency.png", out / "latency_percentiles.png"]
+    paths[0].write_text(json.dumps(results, indent=2, default=str) + "\n")
+    paths[1].write_text(markdown(results))
+    throughput_chart(results, paths[2])
+    latency_chart(results, paths[3])
+    return paths

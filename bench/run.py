@@ -1,0 +1,305 @@
+"""`python -m bench`: every row of the benchmark, one run, one machine; writes the table and charts.
+
+Rows (each a separate server process; the load generator is this process):
+  limit        raw onnxruntime in this process, best batch size (the ceiling)
+  ours-raw     our server, native Classify, raw uint8 pixels (closed loop + open loop)
+  ours-png     our server, native Classify, PNG bytes
+  ours-v2      our server, V2 ModelInfer (only when the server offers inference.GRPCInferenceService)
+  mlserver-v2  the peer: MLServer 1.7.1 + onnxruntime custom runtime, adaptive batching (closed + open loop)
+  naive-raw    our server with --max-batch-size 1: one onnxruntime call per request
+  int8-raw     our server on models/cifar10-int8 (only when present), against its own limit
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import onnxruntime as ort
+
+from bench import limit as raw_limit
+from bench import report, v2proto
+from bench.endpoints import Endpoint, native_endpoint, cifar_test_images, v2_endpoint
+from bench.loadgen import LoadResult, closed_loop, open_loop
+from bench.servers import MLSERVER_VENV, REPO_ROOT, MLServerPeer, OurServer
+
+MODELS = REPO_ROOT / "models"
+FP32_MODEL, INT8_MODEL = "cifar10", "cifar10-int8"
+MODEL_FILE = "model.onnx"
+RESULTS = REPO_ROOT / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class Plan:
+    warmup_s: float
+    duration_s: float
+    limit_seconds_per_size: float
+    startup_repeats: int
+    concurrencies: tuple[int, ...] = (1, 4, 16, 64)
+
+
+PLANS = {
+    "quick": Plan(warmup_s=1.0, duration_s=3.0, limit_seconds_per_size=0.5, startup_repeats=1),
+    "full": Plan(warmup_s=3.0, duration_s=15.0, limit_seconds_per_size=3.0, startup_repeats=5),
+}
+
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    runs: list[LoadResult] = field(default_factory=list)
+    batch_sizes: dict[str, dict] = field(default_factory=dict)  # run label -> distribution + mean
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=sorted(PLANS), default=os.environ.get("BENCH_MODE", "quick"))
+    parser.add_argument("--out", type=Path, help="results directory (default bench/results/<mode>)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="onnxruntime intra-op threads for the server, the limit and the peer (default 2)")
+    parser.add_argument("--open-rate", type=float, default=float(os.environ.get("BENCH_OPEN_RATE", 200)),
+                        help="open-loop request rate, requests/s (default 200)")
+    parser.add_argument("--images", type=int, default=1000, help="distinct test images cycled through (default 1000)")
+    parser.add_argument("--server-flags", default=os.environ.get("BENCH_SERVER_FLAGS", ""),
+                        help="extra flags for our server, e.g. '--access-log off'")
+    parser.add_argument("--peer-batch-time-ms", type=float, default=2.0,
+                        help="MLServer max_batch_time in ms (default 2)")
+    parser.add_argument("--peer-workers", type=int, default=1, help="MLServer parallel_workers (default 1)")
+    parser.add_argument("--skip", default="", help="comma-separated rows to skip (e.g. mlserver-v2,naive-raw)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def training_running() -> bool:
+    """Timings taken while the background training run holds the cores are not valid."""
+    return subprocess.run(["pgrep", "-f", "training.train"], capture_output=True).returncode == 0
+
+
+def bench_repository(work: Path, model: str) -> Path:
+    """A repository holding a copy of just `model`, so RSS counts one model.
+
+    A copy, not a link: the server refuses versions that point outside its repository.
+    """
+    repository = work / f"repository-{model}"
+    if not (repository / model).exists():
+        shutil.copytree(MODELS / model, repository / model)
+    return repository
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.plan = PLANS[args.mode]
+        self.out = args.out or RESULTS / args.mode
+        self.work = self.out / "raw"
+        self.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+        self.images = cifar_test_images(args.images)
+        self.scenarios: list[Scenario] = []
+        self.results: dict = {"mode": args.mode, "plan": self.plan.__dict__, "threads": args.threads,
+                              "open_rate": args.open_rate, "environment": environment(), "servers": {},
+                              "limits": {}, "notes": []}
+
+    # --- drivers -------------------------------------------------------------------------------
+
+    def drive(self, scenario: Scenario, server, endpoint: Endpoint, open_rate: float | None = None,
+              batch_model: str | None = None) -> None:
+        """Closed loop at every concurrency (and open loop at open_rate) against one server."""
+        plan = self.plan
+        points: list[tuple[str, int | float]] = [("closed", c) for c in plan.concurrencies]
+        if open_rate:
+            points.append(("open", open_rate))
+        for mode, value in points:
+            label = f"{scenario.key} c={value}" if mode == "closed" else f"{scenario.key} open {value:g}/s"
+            before = server.batch_sizes(batch_model) if batch_model else None
+            result = asyncio.run(self._one_run(server, endpoint, mode, value, label))
+            if before is not None:
+                formed = server.batch_sizes(batch_model).minus(before)
+                scenario.batch_sizes[label] = {"mean": round(formed.mean, 2), "batches": formed.distribution()}
+                result.extra["mean_batch"] = round(formed.mean, 2)
+            result.extra["server_rss_mb"] = round(server.rss_bytes() / 2**20, 1)
+            scenario.runs.append(result)
+
+    async def _one_run(self, server, endpoint: Endpoint, mode: str, value, label: str) -> LoadResult:
+        options = [("grpc.max_receive_message_length", 64 * 2**20)]
+        async with grpc.aio.insecure_channel(server.target, options=options) as channel:
+            common = dict(duration_s=self.plan.duration_s, warmup_s=self.plan.warmup_s, label=label,
+                          progress=not self.args.no_progress, server_cpu=server.cpu_seconds)
+            if mode == "closed":
+                return await closed_loop(channel, endpoint, int(value), **common)
+            return await open_loop(channel, endpoint, float(value), **common)
+
+    def our_server(self, name: str, model: str, *flags: str) -> OurServer:
+        extra = self.args.server_flags.split() if self.args.server_flags else []
+        server = OurServer(self.work / f"{name}.log",
+                           ["--intra-op-threads", str(self.args.threads), "--default-model", model, *flags, *extra],
+                           bench_repository(self.work, model))
+        return server.start()
+
+    # --- rows ----------------------------------------------------------------------------------
+
+    def limits(self) -> None:
+        for model in (FP32_MODEL, INT8_MODEL):
+            path = MODELS / model / "1" / MODEL_FILE
+            if not path.exists():
+                continue
+            result = raw_limit.measure(path, self.images.images, self.args.threads,
+                                       self.plan.limit_seconds_per_size, label=model)
+            self.results["limits"][model] = result.summary()
+
+    def startup(self) -> None:
+        """Process start -> health SERVING, fresh processes, median of `startup_repeats`; RSS when idle."""
+        times, rss = [], []
+        for attempt in range(self.plan.startup_repeats):
+            server = self.our_server(f"startup-{attempt}", FP32_MODEL)
+            try:
+                times.append(server.startup_s)
+                time.sleep(0.5)
+                rss.append(server.rss_bytes() / 2**20)
+            finally:
+                server.stop()
+        times.sort()
+        self.results["servers"]["ours-startup"] = {
+            "startup_s": round(times[len(times) // 2], 3), "startup_all_s": [round(t, 3) for t in times],
+            "idle_rss_mb": round(max(rss), 1),
+        }
+        print(f"  startup: {times[len(times) // 2]:.2f} s to SERVING (median of {len(times)}), "
+              f"idle RSS {max(rss):.0f} MB", flush=True)
+
+    def ours(self) -> None:
+        server = self.our_server("ours", FP32_MODEL)
+        self._record_server("ours", server)
+        try:
+            rows = [("ours-raw", "ours, native, raw pixels", "raw", self.args.open_rate),
+                    ("ours-png", "ours, native, PNG", "png", None)]
+            for key, title, form, rate in rows:
+                if key in self.skip:
+                    continue
+                scenario = self._scenario(key, title)
+                self.drive(scenario, server, native_endpoint(self.images, form), rate, FP32_MODEL)
+            if "ours-v2" not in self.skip:
+                self._ours_v2(server)
+        finally:
+            self._record_server("ours", server, final=True)
+            server.stop()
+
+    def _ours_v2(self, server: OurServer) -> None:
+        v2 = self._v2_messages()
+        with grpc.insecure_channel(server.target) as channel:
+            try:
+                endpoint = v2_endpoint(self.images, channel, FP32_MODEL, v2)
+            except grpc.RpcError as exc:
+                note = (f"ours-v2 skipped: our server does not answer {v2proto.SERVICE} "
+                        f"({exc.code().name}); the row appears once serving/v2_servicer.py is registered")
+                print("  " + note, flush=True)
+                self.results["notes"].append(note)
+                return
+        scenario = self._scenario("ours-v2", "ours, V2 ModelInfer, raw")
+        self.drive(scenario, server, endpoint, self.args.open_rate, FP32_MODEL)
+
+    def naive(self) -> None:
+        server = self.our_server("naive", FP32_MODEL, "--max-batch-size", "1")
+        try:
+            scenario = self._scenario("naive-raw", "naive: ours with --max-batch-size 1, raw")
+            self.drive(scenario, server, native_endpoint(self.images, "raw"), None, FP32_MODEL)
+            self._record_server("naive", server, final=True)
+        finally:
+            server.stop()
+
+    def int8(self) -> None:
+        if not (MODELS / INT8_MODEL / "1" / MODEL_FILE).exists():
+            note = f"int8 row skipped: models/{INT8_MODEL}/1/{MODEL_FILE} is not there yet"
+            print("  " + note, flush=True)
+            self.results["notes"].append(note)
+            return
+        server = self.our_server("int8", INT8_MODEL)
+        try:
+            scenario = self._scenario("int8-raw", "ours, int8 model, native, raw")
+            self.drive(scenario, server, native_endpoint(self.images, "raw", INT8_MODEL), None, INT8_MODEL)
+            self._record_server("int8", server, final=True)
+        finally:
+            server.stop()
+
+    def mlserver(self) -> None:
+        if not (MLSERVER_VENV / "bin" / "mlserver").exists():
+            raise SystemExit(f"MLServer is not installed in {MLSERVER_VENV}: run `make bench-venvs` (or --skip mlserver-v2)")
+        peer = MLServerPeer(self.work / "mlserver.log", MODELS / FP32_MODEL / "1", self.work,
+                            intra_op_threads=self.args.threads, max_batch_time_s=self.args.peer_batch_time_ms / 1000,
+                            parallel_workers=self.args.peer_workers)
+        peer.start()
+        self._record_server("mlserver", peer)
+        print(f"  mlserver: ready in {peer.startup_s:.2f} s", flush=True)
+        try:
+            with grpc.insecure_channel(peer.target) as channel:
+                endpoint = v2_endpoint(self.images, channel, FP32_MODEL, self._v2_messages())
+            scenario = self._scenario("mlserver-v2", "MLServer 1.7.1, V2 ModelInfer, raw (adaptive batching)")
+            self.drive(scenario, peer, endpoint, self.args.open_rate)
+            self._record_server("mlserver", peer, final=True)
+        finally:
+            peer.stop()
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    def _v2_messages(self):
+        messages = v2proto.load(MLSERVER_VENV)
+        self.results["v2_proto"] = messages.source
+        return messages
+
+    def _scenario(self, key: str, title: str) -> Scenario:
+        print(f"{key}: {title}", flush=True)
+        scenario = Scenario(key, title)
+        self.scenarios.append(scenario)
+        return scenario
+
+    def _record_server(self, name: str, server, final: bool = False) -> None:
+        entry = self.results["servers"].setdefault(name, {"startup_s": round(server.startup_s, 3)})
+        rss = round(server.rss_bytes() / 2**20, 1)
+        entry["rss_after_load_mb" if final else "idle_rss_mb"] = rss
+
+    def run(self) -> int:
+        if self.out.exists():
+            shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.results["training_running_at_start"] = training_running()
+        if self.results["training_running_at_start"]:
+            print("WARNING: a training run (training.train) is using the CPU: these timings are NOT valid", flush=True)
+        began = time.perf_counter()
+        steps = [("limit", self.limits), ("startup", self.startup), ("ours", self.ours),
+                 ("mlserver-v2", self.mlserver), ("naive-raw", self.naive), ("int8-raw", self.int8)]
+        for name, step in steps:
+            if name not in self.skip:
+                print(f"== {name}", flush=True)
+                step()
+        self.results["training_running_at_end"] = training_running()
+        self.results["valid"] = not (self.results["training_running_at_start"] or self.results["training_running_at_end"])
+        self.results["elapsed_s"] = round(time.perf_counter() - began, 1)
+        self.results["scenarios"] = [
+            {"key": s.key, "title": s.title, "runs": [r.summary() for r in s.runs], "batch_sizes": s.batch_sizes}
+            for s in self.scenarios
+        ]
+        self.results["targets"] = report.targets(self.results)
+        written = report.write(self.results, self.out)
+        print(f"wrote {', '.join(str(p.relative_to(REPO_ROOT)) for p in written)} in {self.results['elapsed_s']:.0f} s")
+        return 0
+
+
+def environment() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": ort.__version__, "grpcio": grpc.__version__,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "command": " ".join(sys.argv)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return Bench(parse_args(argv)).run()

@@ -1,0 +1,179 @@
+"""`python -m bench.tune`: the tuning experiments behind bench/NOTES.md, rerunnable.
+
+1. Server flag variants: our server, native raw inputs, closed loop at a few concurrencies,
+   one fresh server per variant (same run, same machine, so variants compare to the baseline).
+2. onnxruntime session options in-process: thread spinning, memory arena, graph optimisation.
+3. Per-image costs of the request path in-process: PNG decode, raw pixels (np.frombuffer) vs a
+   copy, protobuf parse of a request.
+Writes bench/results/tuning/tuning.md (+ tuning.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import timeit
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from bench.endpoints import native_endpoint, png_bytes, cifar_test_images
+from bench.loadgen import closed_loop
+from bench.run import FP32_MODEL, MODEL_FILE, MODELS, RESULTS, bench_repository, training_running
+from bench.servers import OurServer
+from serving import images as imaging
+from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
+
+VARIANTS: dict[str, list[str]] = {
+    "baseline (defaults)": [],
+    "--access-log off": ["--access-log", "off"],
+    "--max-batch-delay-ms 1": ["--max-batch-delay-ms", "1"],
+    "--max-batch-delay-ms 3": ["--max-batch-delay-ms", "3"],
+    "--max-batch-size 16": ["--max-batch-size", "16"],
+    "--max-batch-size 128": ["--max-batch-size", "128", "--max-queue-size", "1024"],
+    "--intra-op-threads 1": ["--intra-op-threads", "1"],
+    "--graph-optimization basic": ["--graph-optimization", "basic"],
+    "--max-concurrent-streams 1000": ["--max-concurrent-streams", "1000"],
+    "onnxruntime spinning off (patched)": ["session.intra_op.allow_spinning=0", "--"],
+    "spinning off (patched) + --intra-op-threads 1": ["session.intra_op.allow_spinning=0", "--",
+                                                      "--intra-op-threads", "1"],
+}
+PATCHED_LAUNCHER = ["-m", "bench.patched_serving"]  # variants whose list holds "--": session entries before it
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per point")
+    parser.add_argument("--concurrencies", default="1,16,64")
+    parser.add_argument("--variants", default="", help="comma-separated subset of variant names (default all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "tuning")
+    return parser.parse_args(argv)
+
+
+def server_variants(args: argparse.Namespace, images) -> list[dict]:
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()] or list(VARIANTS)
+    concurrencies = [int(c) for c in args.concurrencies.split(",")]
+    endpoint = native_endpoint(images, "raw")
+    rows = []
+    for name in wanted:
+        # The variant's flags come last, so a variant's --intra-op-threads wins over the default.
+        variant, launcher = VARIANTS[name], None
+        if "--" in variant:
+            split = variant.index("--")
+            launcher, variant = [*PATCHED_LAUNCHER, *variant[:split + 1]], variant[split + 1:]
+        flags = ["--intra-op-threads", str(args.threads), "--default-model", FP32_MODEL, *variant]
+        server = OurServer(args.out / "raw" / "tune.log", flags, bench_repository(args.out / "raw", FP32_MODEL),
+                           launcher).start()
+        try:
+            for concurrency in concurrencies:
+                async def run():
+                    async with grpc.aio.insecure_channel(server.target) as channel:
+                        return await closed_loop(channel, endpoint, concurrency, args.seconds, 1.0,
+                                                 label=f"{name} c={concurrency}", server_cpu=server.cpu_seconds)
+
+                result = asyncio.run(run())
+                rows.append({"variant": name, **result.summary()})
+        finally:
+            server.stop()
+    return rows
+
+
+def session_variants(threads: int, images: np.ndarray, seconds: float) -> list[dict]:
+    path = MODELS / FP32_MODEL / "1" / MODEL_FILE
+    variants = {
+        "defaults (spinning on, arena on, ORT_ENABLE_ALL)": {},
+        "spinning off": {"config": {"session.intra_op.allow_spinning": "0"}},
+        "arena off": {"arena": False},
+        "ORT_ENABLE_BASIC": {"level": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC},
+        "ORT_DISABLE_ALL": {"level": ort.GraphOptimizationLevel.ORT_DISABLE_ALL},
+    }
+    rows = []
+    for name, variant in variants.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = variant.get("level", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        options.enable_cpu_mem_arena = variant.get("arena", True)
+        for key, value in variant.get("config", {}).items():
+            options.add_session_config_entry(key, value)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        feed_name, output = session.get_inputs()[0].name, session.get_outputs()[0].name
+        row = {"variant": name}
+        for size in (1, 64):
+            batch = np.ascontiguousarray(np.resize(images, (size, 32, 32, 3)))
+            session.run([output], {feed_name: batch})
+            times, began = [], time.perf_counter()
+            while time.perf_counter() - began < seconds:
+                t0 = time.perf_counter()
+                session.run([output], {feed_name: batch})
+                times.append(time.perf_counter() - t0)
+            row[f"batch{size}_p50_ms"] = round(float(np.percentile(times, 50)) * 1000, 3)
+            row[f"batch{size}_img_s"] = round(size * len(times) / sum(times), 1)
+        rows.append(row)
+        print(f"  session {name}: {row}", flush=True)
+    return rows
+
+
+def request_path_costs(images: np.ndarray) -> list[dict]:
+    """Microseconds per image for each step a request's pixels go through before the batcher."""
+    pixels = images[0]
+    encoded = png_bytes(pixels)
+    raw = pixels.tobytes()
+    request = pb.ClassifyRequest(image=pb.Image(raw=pb.RawPixels(data=raw, height=32, width=32, channels=3)))
+    wire = request.SerializeToString()
+    steps = {
+        "PNG decode + RGB (imaging.decode_encoded)": lambda: imaging.decode_encoded(encoded, 1 << 24),
+        "raw pixels, zero-copy (imaging.from_raw_pixels: np.frombuffer)": lambda: imaging.from_raw_pixels(raw, 32, 32, 3, 1 << 24),
+        "raw pixels, copied (np.array(bytearray(...)))": lambda: np.array(bytearray(raw), dtype=np.uint8).reshape(32, 32, 3),
+        "protobuf parse of a raw ClassifyRequest": lambda: pb.ClassifyRequest.FromString(wire),
+        "stack 64 images into a batch (np.concatenate; per batch, not per image)": lambda: np.concatenate([images[:1]] * 64),
+    }
+    rows = []
+    for name, step in steps.items():
+        number = 2000
+        seconds = min(timeit.repeat(step, number=number, repeat=3)) / number
+        rows.append({"step": name, "us": round(seconds * 1e6, 2)})
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Tuning experiments ({result['date_utc']} UTC)", ""]
+    if result["training_running"]:
+        lines += ["**NOT VALID: a training run was using the CPU; differences below are indicative only.**", ""]
+    lines += ["## Server flags (native, raw pixels, closed loop)", "",
+              "| variant | c | img/s | p50 ms | p99 ms | errors | server CPU ms/img |", "|---|---:|---:|---:|---:|---|---:|"]
+    for row in result["server"]:
+        errors = ", ".join(f"{k} {v}" for k, v in row["errors"].items()) or "0"
+        lines.append(f"| {row['variant']} | {row['concurrency']} | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "
+                     f"{row['p99_ms']:.2f} | {errors} | {row.get('server_cpu_ms_per_image', float('nan')):.2f} |")
+    lines += ["", "## onnxruntime session options (in-process)", "",
+              "| variant | batch 1 p50 ms | batch 1 img/s | batch 64 img/s |", "|---|---:|---:|---:|"]
+    for row in result["session"]:
+        lines.append(f"| {row['variant']} | {row['batch1_p50_ms']:.3f} | {row['batch1_img_s']:.0f} | {row['batch64_img_s']:.0f} |")
+    lines += ["", "## Request path, per image (in-process)", "", "| step | µs |", "|---|---:|"]
+    lines += [f"| {row['step']} | {row['us']:.1f} |" for row in result["request_path"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    images = cifar_test_images(1000)
+    result = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "training_running": training_running()}
+    result["request_path"] = request_path_costs(images.images)
+    result["session"] = session_variants(args.threads, images.images, max(1.0, args.seconds / 4))
+    result["server"] = server_variants(args, images)
+    result["training_running"] = result["training_running"] or training_running()
+    (args.out / "tuning.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "tuning.md").write_text(markdown(result))
+    print(f"wrote {args.out / 'tuning.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

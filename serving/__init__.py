@@ -1,0 +1,1 @@
+"""The CIFAR-10 gRPC classification service (onnxruntime; never TensorFlow)."""

@@ -1,0 +1,199 @@
+"""Dynamic batching: coalesce concurrent requests into one runtime call. No gRPC here.
+
+One worker thread per model version owns the runtime, so inference never runs on the event
+loop. Requests queue with their deadline; the worker takes what is queued (up to
+`max_batch_size` images, waiting at most `max_delay_s` for more), drops expired and
+cancelled requests before computing, runs one batch and hands each request its rows.
+The queue is bounded in images: a full queue refuses at once (Overloaded).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from serving.errors import DeadlineExpired, InferenceFailed, Overloaded, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    probabilities: np.ndarray  # this request's rows
+    queue_wait_s: float
+    inference_s: float
+    batch_size: int  # images in the runtime call that served it
+
+
+class BatchObserver(Protocol):
+    def batch_ran(self, size: int, inference_s: float) -> None: ...
+    def queue_depth(self, images: int) -> None: ...
+    def dropped(self, reason: str, requests: int) -> None: ...
+
+
+class _NullObserver:
+    def batch_ran(self, size: int, inference_s: float) -> None:
+        pass
+
+    def queue_depth(self, images: int) -> None:
+        pass
+
+    def dropped(self, reason: str, requests: int) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Pending:
+    images: np.ndarray
+    future: Future
+    deadline: float | None  # time.monotonic() seconds
+    enqueued: float
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_images: int,
+        observer: BatchObserver | None = None,
+        name: str = "model",
+    ):
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_images = max_queue_images
+        self._observer = observer or _NullObserver()
+        self._queue: deque[_Pending] = deque()
+        self._queued_images = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._worker = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._worker.start()
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def submit(self, images: np.ndarray, deadline: float | None = None) -> Future:
+        """Queue uint8 [k, 32, 32, 3]; the future gives a BatchResult or a ServingError."""
+        count = len(images)
+        future: Future = Future()
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown("the model version is being unloaded or the server is shutting down; retry")
+            if self._queued_images + count > self.max_queue_images:
+                raise Overloaded(
+                    f"the queue of this model is full ({self._queued_images} of {self.max_queue_images} images "
+                    "waiting, --max-queue-size); retry after a short back-off"
+                )
+            item = _Pending(images, future, deadline, time.monotonic())
+            self._queue.append(item)
+            self._queued_images += count
+            depth = self._queued_images
+            self._cond.notify()
+        self._observer.queue_depth(depth)
+        future.add_done_callback(lambda f, item=item: self._forget_if_cancelled(f, item))
+        return future
+
+    def _forget_if_cancelled(self, future: Future, item: _Pending) -> None:
+        """A client that gives up frees its queue slot at once, not when the worker reaches it."""
+        if not future.cancelled():
+            return
+        with self._cond:
+            try:
+                self._queue.remove(item)
+            except ValueError:
+                return  # already taken by the worker
+            self._queued_images -= len(item.images)
+            depth = self._queued_images
+        self._observer.queue_depth(depth)
+        self._observer.dropped("cancelled", 1)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new work, finish what is queued, stop the worker."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._worker.join(timeout)
+
+    def _take_batch(self) -> list[_Pending] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            if self.max_delay_s > 0 and self._queued_images < self.max_batch_size and not self._closing:
+                flush_at = self._queue[0].enqueued + self.max_delay_s
+                while self._queued_images < self.max_batch_size and not self._closing:
+                    remaining = flush_at - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if not self._queue:  # all cancelled while we waited
+                    return []
+            batch = [self._queue.popleft()]
+            size = len(batch[0].images)
+            while self._queue and size + len(self._queue[0].images) <= self.max_batch_size:
+                item = self._queue.popleft()
+                batch.append(item)
+                size += len(item.images)
+            self._queued_images -= size
+            depth = self._queued_images
+        self._observer.queue_depth(depth)
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            now = time.monotonic()
+            live = []
+            for item in batch:
+                if not item.future.set_running_or_notify_cancel():
+                    self._observer.dropped("cancelled", 1)
+                elif item.deadline is not None and item.deadline <= now:
+                    item.future.set_exception(
+                        DeadlineExpired("the request's deadline passed while it waited in the queue; it was not computed")
+                    )
+                    self._observer.dropped("deadline_exceeded", 1)
+                else:
+                    live.append(item)
+            if live:
+                self._execute(live, now)
+
+    def _execute(self, batch: list[_Pending], started: float) -> None:
+        images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
+        try:
+            t0 = time.perf_counter()
+            if len(images) <= self.max_batch_size:
+                probabilities = self._run(images)
+            else:  # one oversized request: run it in max-size chunks
+                probabilities = np.concatenate(
+                    [self._run(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
+                )
+            inference_s = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - every waiting client must get an answer
+            error = exc if isinstance(exc, InferenceFailed) else InferenceFailed("inference failed; see the server log")
+            if not isinstance(exc, InferenceFailed):
+                log.exception("batch of %d images failed", len(images))
+            for item in batch:
+                item.future.set_exception(error)
+            return
+        self._observer.batch_ran(len(images), inference_s)
+        offset = 0
+        for item in batch:
+            count = len(item.images)
+            item.future.set_result(
+                BatchResult(probabilities[offset:offset + count], started - item.enqueued, inference_s, len(images))
+            )
+            offset += count

@@ -1,0 +1,97 @@
+"""The inference core shared by every API face: route, batch, post-process. No gRPC here.
+
+Both the native Classifier API and the Open Inference Protocol call `InferenceCore.infer`,
+so they share the batcher, queue bound, deadlines and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.batching import BatchResult
+from serving.errors import InvalidInput, ShuttingDown
+from serving.metrics import ServingMetrics
+from serving.repository import ModelRepository, ServedVersion
+
+DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class Classification:
+    class_index: int
+    label: str
+    probability: float
+
+
+@dataclass
+class InferenceOutcome:
+    served: ServedVersion
+    probabilities: np.ndarray  # [k, classes]
+    result: BatchResult
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.served.model.class_names if self.served.model else []
+
+
+class InferenceCore:
+    def __init__(self, repository: ModelRepository, metrics: ServingMetrics):
+        self.repository, self.metrics = repository, metrics
+
+    async def infer(self, images: np.ndarray, model_name: str, model_version: int,
+                    deadline: float | None) -> InferenceOutcome:
+        """uint8 [k, 32, 32, 3] -> probabilities, through the version's dynamic batcher.
+
+        A version swapped out between routing and queueing (hot reload) refuses the submit;
+        the request is then routed again, so a reload never fails a request.
+        """
+        for attempt in range(3):
+            served = self.repository.resolve(model_name, model_version)
+            batcher = served.batcher
+            if batcher is None:
+                continue
+            try:
+                future = batcher.submit(images, deadline)
+                break
+            except ShuttingDown:
+                if attempt == 2:
+                    raise
+        else:
+            raise ShuttingDown("the model version is being replaced; retry")
+        result: BatchResult = await asyncio.wrap_future(future)
+        version = str(served.version)
+        self.metrics.phase_latency.labels("queue_wait", served.name, version).observe(result.queue_wait_s)
+        self.metrics.phase_latency.labels("inference", served.name, version).observe(result.inference_s)
+        return InferenceOutcome(served, result.probabilities, result)
+
+    def observe_decode(self, seconds: float, served_name: str, version: int | str) -> None:
+        self.metrics.phase_latency.labels("decode", served_name, str(version)).observe(seconds)
+
+    def top_k(self, outcome: InferenceOutcome, k: int) -> list[list[Classification]]:
+        """Per image, the k most probable classes, highest first; counts images by top-1 class."""
+        started = time.perf_counter()
+        names = outcome.class_names
+        order = np.argsort(-outcome.probabilities, axis=1, kind="stable")[:, :k]
+        results = []
+        counter = self.metrics.images
+        version = str(outcome.served.version)
+        for row, indices in zip(outcome.probabilities, order):
+            results.append([Classification(int(i), names[i], float(row[i])) for i in indices])
+            counter.labels(outcome.served.name, version, names[indices[0]]).inc()
+        self.metrics.phase_latency.labels("postprocess", outcome.served.name, version).observe(
+            time.perf_counter() - started
+        )
+        return results
+
+
+def check_top_k(top_k: int | None, num_classes: int) -> int:
+    """Unset means the default; explicit values must lie in 1..classes."""
+    if top_k is None:
+        return min(DEFAULT_TOP_K, num_classes)
+    if not 1 <= top_k <= num_classes:
+        raise InvalidInput(f"top_k is {top_k}, expected 1..{num_classes} (or unset for {DEFAULT_TOP_K})", reason="bad_top_k")
+    return top_k

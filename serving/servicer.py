@@ -1,0 +1,191 @@
+"""The native `cifar10.classifier.v1.Classifier` API: protos <-> domain objects, nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import AsyncIterator
+
+import numpy as np
+
+from serving import images as imaging
+from serving.calls import CallObserver, CallRecord
+from serving.errors import InvalidInput, ServingError
+from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
+from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from serving.repository import ModelRepository, ServedVersion, VersionState
+from serving.service import Classification, InferenceCore, check_top_k
+from serving.status import rpc_status, status_of
+
+log = logging.getLogger(__name__)
+PROTOCOL = "native"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+# Decoding a large file on the event loop would stall every other call: big ones go to a thread.
+DECODE_INLINE_MAX_BYTES = 64 * 1024
+
+
+def image_to_array(image: pb.Image, max_pixels: int) -> np.ndarray:
+    kind = image.WhichOneof("data")
+    if kind == "encoded":
+        return imaging.decode_encoded(image.encoded, max_pixels)
+    if kind == "raw":
+        raw = image.raw
+        return imaging.from_raw_pixels(raw.data, raw.height, raw.width, raw.channels, max_pixels)
+    if kind == "tensor":
+        tensor = image.tensor
+        layout = "NCHW" if tensor.layout == pb.LAYOUT_NCHW else "NHWC"
+        return imaging.from_float_tensor(tensor.data, list(tensor.shape), layout, max_pixels)
+    raise InvalidInput("image is empty: set one of encoded, raw or tensor", reason="missing_image")
+
+
+def predictions_pb(classes: list[Classification]) -> list[pb.Prediction]:
+    return [pb.Prediction(label=c.label, class_index=c.class_index, probability=c.probability) for c in classes]
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    def __init__(self, core: InferenceCore, repository: ModelRepository, calls: CallObserver,
+                 max_images_per_request: int, max_image_pixels: int, reload):
+        self.core, self.repository, self.calls = core, repository, calls
+        self.max_images = max_images_per_request
+        self.max_pixels = max_image_pixels
+        self._reload = reload  # async () -> None: rescans the repository off the event loop
+
+    async def _decode(self, image: pb.Image) -> np.ndarray:
+        if image.WhichOneof("data") == "encoded" and len(image.encoded) > DECODE_INLINE_MAX_BYTES:
+            return await asyncio.get_running_loop().run_in_executor(None, image_to_array, image, self.max_pixels)
+        return image_to_array(image, self.max_pixels)
+
+    def _route(self, call: CallRecord, model_name: str, model_version: int) -> ServedVersion:
+        served = self.repository.resolve(model_name, model_version)
+        call.model, call.version = served.name, served.version
+        return served
+
+    async def _classify(self, request: pb.ClassifyRequest, call: CallRecord) -> pb.ClassifyResponse:
+        served = self._route(call, request.model_name, request.model_version)
+        top_k = check_top_k(request.top_k if request.HasField("top_k") else None, served.model.num_classes)
+        started = time.perf_counter()
+        pixels = await self._decode(request.image)
+        self.core.observe_decode(time.perf_counter() - started, served.name, served.version)
+        call.images = 1
+        outcome = await self.core.infer(pixels[None], served.name, served.version, call.deadline)
+        (classes,) = self.core.top_k(outcome, top_k)
+        return pb.ClassifyResponse(
+            predictions=predictions_pb(classes), model_name=outcome.served.name,
+            model_version=outcome.served.version, request_id=call.request_id,
+        )
+
+    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+        call = self.calls.record("Classify", PROTOCOL, context, request.request_id)
+        return await self.calls.unary(call, context, lambda: self._classify(request, call))
+
+    async def ClassifyBatch(self, request: pb.ClassifyBatchRequest, context) -> pb.ClassifyBatchResponse:
+        call = self.calls.record("ClassifyBatch", PROTOCOL, context, request.request_id)
+        return await self.calls.unary(call, context, lambda: self._classify_batch(request, call))
+
+    async def _classify_batch(self, request: pb.ClassifyBatchRequest, call: CallRecord) -> pb.ClassifyBatchResponse:
+        count = len(request.images)
+        if count == 0:
+            raise InvalidInput("images is empty: send at least one image", reason="empty_batch")
+        if count > self.max_images:
+            raise InvalidInput(
+                f"{count} images in one request, over the limit of {self.max_images} (--max-images-per-request)",
+                reason="batch_too_large",
+            )
+        served = self._route(call, request.model_name, request.model_version)
+        top_k = check_top_k(request.top_k if request.HasField("top_k") else None, served.model.num_classes)
+        results = [pb.ImageResult() for _ in range(count)]
+        good_slots, arrays = [], []
+        started = time.perf_counter()
+        for slot, image in enumerate(request.images):
+            try:
+                arrays.append(await self._decode(image))
+                good_slots.append(slot)
+            except ServingError as exc:  # this slot only; the others are still classified
+                code, message, reason = status_of(exc)
+                results[slot].error.CopyFrom(rpc_status(code, f"image {slot}: {message}"))
+                self.calls.count_rejection(reason, PROTOCOL, code)
+        self.core.observe_decode(time.perf_counter() - started, served.name, served.version)
+        call.images = len(arrays)
+        model_name, model_version = served.name, served.version
+        if arrays:
+            outcome = await self.core.infer(np.stack(arrays), served.name, served.version, call.deadline)
+            for slot, classes in zip(good_slots, self.core.top_k(outcome, top_k)):
+                results[slot].predictions.extend(predictions_pb(classes))
+            model_name, model_version = outcome.served.name, outcome.served.version
+        return pb.ClassifyBatchResponse(
+            results=results, model_name=model_name, model_version=model_version, request_id=call.request_id
+        )
+
+    async def ClassifyStream(self, request_iterator, context) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        """Messages are classified concurrently and answered in order; a bad one answers in-band."""
+        stream_call = self.calls.record("ClassifyStream", PROTOCOL, context)
+
+        async def one(request: pb.ClassifyRequest) -> tuple[pb.ClassifyStreamResponse, int]:
+            call = self.calls.record("ClassifyStream", PROTOCOL, context, request.request_id)
+            try:
+                response = await self._classify(request, call)
+                return pb.ClassifyStreamResponse(response=response, request_id=call.request_id), 1
+            except Exception as exc:  # noqa: BLE001 - one bad message must not end the stream
+                code, message, reason = status_of(exc, call.request_id)
+                if reason == "internal":
+                    log.exception("stream message %s failed", call.request_id)
+                self.calls.count_rejection(reason, PROTOCOL, code)
+                return pb.ClassifyStreamResponse(error=rpc_status(code, message), request_id=call.request_id), 0
+
+        async for response in self.calls.ordered_stream(stream_call, request_iterator, one):
+            yield response
+
+    async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context) -> pb.ModelMetadata:
+        call = self.calls.record("GetModelMetadata", PROTOCOL, context)
+        return await self.calls.unary(call, context, lambda: self._metadata(request, call))
+
+    async def _metadata(self, request: pb.GetModelMetadataRequest, call: CallRecord) -> pb.ModelMetadata:
+        served = self._route(call, request.model_name, request.model_version)
+        model = served.model
+        card = model.card
+        return pb.ModelMetadata(
+            name=served.name, version=served.version, state=served.state.value,
+            class_names=model.class_names,
+            input=pb.TensorSpec(name=model.input.name, datatype="uint8", shape=model.input_shape, layout="NHWC"),
+            output=pb.TensorSpec(name=model.output.name, datatype="float32", shape=[-1, model.num_classes]),
+            preprocessing=imaging.SERVER_PREPROCESSING, model_preprocessing=card.preprocessing,
+            execution_providers=model.providers, sha256=model.sha256,
+            test_accuracy=card.test_accuracy, test_accuracy_bit_exact=card.test_accuracy_bit_exact,
+            model_card_json=json.dumps(card.raw, sort_keys=True),
+            max_batch_size=served.batcher.max_batch_size if served.batcher else 0,
+            is_default=served.name == self.repository.default_model,
+        )
+
+    def _list(self) -> pb.ListModelsResponse:
+        response = pb.ListModelsResponse(default_model=self.repository.default_model)
+        for served in self.repository.statuses():
+            model = served.model
+            response.models.append(pb.ModelVersionStatus(
+                name=served.name, version=served.version, state=served.state.value, error=served.error,
+                execution_providers=model.providers if model else [],
+                is_default_model=served.name == self.repository.default_model,
+                test_accuracy=model.card.test_accuracy if model else 0.0,
+            ))
+        return response
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        call = self.calls.record("ListModels", PROTOCOL, context)
+
+        async def handler():
+            return self._list()
+
+        return await self.calls.unary(call, context, handler)
+
+    async def ReloadModels(self, request: pb.ReloadModelsRequest, context) -> pb.ListModelsResponse:
+        call = self.calls.record("ReloadModels", PROTOCOL, context)
+
+        async def handler():
+            await self._reload()
+            return self._list()
+
+        return await self.calls.unary(call, context, handler)
+
+
+assert VersionState.AVAILABLE.value == pb.AVAILABLE and VersionState.FAILED.value == pb.FAILED

@@ -1,0 +1,341 @@
+"""The Open Inference Protocol (KServe V2) face: `inference.GRPCInferenceService` protos <->
+domain objects, over the same InferenceCore, batcher, queue bound, deadlines, metrics
+(protocol="v2"), access log and error mapping as the native Classifier API.
+
+Mapping choices (README "Open Inference Protocol"):
+- model_version "" (or "0") is the newest available version; model_name "" the default model.
+- Outputs come back as raw_output_contents when the request used raw_input_contents, else as
+  typed contents.
+- Classification extension: an output requested with parameter `classification: k` comes back
+  as BYTES [N, k] "score:index:label", best first; k above the class count is clamped (as
+  Triton does), k < 1 is refused.
+- RepositoryModelLoad rescans the repository (as ReloadModels / SIGHUP do), then answers OK if
+  the model has an available version. RepositoryModelUnload is UNIMPLEMENTED: the repository
+  is file-based, so a version is unloaded by removing it from disk (or by the version policy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable
+
+import grpc
+import numpy as np
+
+from serving.calls import CallObserver, CallRecord
+from serving.errors import InvalidInput, ModelNotFound, ModelNotReady, NotSupported, ServingError
+from serving.proto.inference import grpc_service_pb2 as pb
+from serving.proto.inference import grpc_service_pb2_grpc as pb_grpc
+from serving.repository import ModelRepository, ServedVersion, VersionState, validate_model_name
+from serving.runtime import OnnxModel
+from serving.service import InferenceCore
+from serving.status import status_of
+from serving.v2 import tensors
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "v2"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "cifar10-serving"
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ("classification", "model_repository")
+CLASSIFICATION = "classification"
+# Triton's model states, as tritonclient's get_model_repository_index() reports them.
+STATE_NAMES = {
+    VersionState.AVAILABLE: "READY",
+    VersionState.LOADING: "LOADING",
+    VersionState.UNLOADING: "UNLOADING",
+    VersionState.FAILED: "UNAVAILABLE",
+}
+# Converting on the event loop would stall every other call: bigger inputs go to a thread.
+# Raw UINT8 is zero-copy (np.frombuffer) and always stays inline.
+CONVERT_INLINE_MAX_BYTES = 64 * 1024
+
+
+def parse_version(text: str) -> int:
+    """"" -> 0 (the newest available version); otherwise a positive integer."""
+    if not text:
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidInput(
+            f"model version {text[:40]!r} is not an integer (leave it empty for the newest)", reason="bad_version"
+        ) from None
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version(SERVER_NAME)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    class_count: int | None  # None: the probabilities themselves
+
+
+class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: InferenceCore, repository: ModelRepository, calls: CallObserver,
+                 max_images_per_request: int, max_image_pixels: int,
+                 reload: Callable[[], Awaitable[None]], ready: Callable[[], bool]):
+        self.core, self.repository, self.calls = core, repository, calls
+        self.max_images = max_images_per_request
+        self.max_pixels = max_image_pixels
+        self._reload = reload  # rescans the repository off the event loop
+        self._ready = ready  # the server's readiness (gRPC health SERVING)
+
+    def register(self, server: grpc.aio.Server) -> str:
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self, server)
+        return SERVICE_NAME
+
+    async def _unary(self, method: str, context, handler: Callable[[CallRecord], Awaitable], request_id: str = ""):
+        call = self.calls.record(method, PROTOCOL, context, request_id)
+        return await self.calls.unary(call, context, lambda: handler(call))
+
+    # ---- routing -------------------------------------------------------------------------
+    def _resolve(self, call: CallRecord, name: str, version_text: str) -> ServedVersion:
+        version = parse_version(version_text)
+        try:
+            served = self.repository.resolve(name, version)
+        except ModelNotFound:
+            if not self.repository.statuses():  # the first scan has not finished
+                raise ModelNotReady("the server is starting: no model is loaded yet; retry") from None
+            raise
+        call.model, call.version = served.name, served.version
+        return served
+
+    @staticmethod
+    def _model_of(served: ServedVersion) -> OnnxModel:
+        model = served.model
+        if model is None:  # released by a reload between routing and now
+            raise ModelNotReady(f"model {served.name!r} version {served.version} is being replaced; retry")
+        return model
+
+    # ---- health and metadata -------------------------------------------------------------
+    async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+        async def handler(call: CallRecord) -> pb.ServerLiveResponse:
+            return pb.ServerLiveResponse(live=True)
+
+        return await self._unary("ServerLive", context, handler)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
+        async def handler(call: CallRecord) -> pb.ServerReadyResponse:
+            return pb.ServerReadyResponse(ready=self._ready())
+
+        return await self._unary("ServerReady", context, handler)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        async def handler(call: CallRecord) -> pb.ModelReadyResponse:
+            try:
+                self._resolve(call, request.name, request.version)
+            except (ModelNotFound, ModelNotReady):
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=True)
+
+        return await self._unary("ModelReady", context, handler)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
+        async def handler(call: CallRecord) -> pb.ServerMetadataResponse:
+            return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
+
+        return await self._unary("ServerMetadata", context, handler)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        async def handler(call: CallRecord) -> pb.ModelMetadataResponse:
+            served = self._resolve(call, request.name, request.version)
+            model = self._model_of(served)
+            if request.version:
+                versions = [str(served.version)]
+            else:
+                versions = [str(s.version) for s in self.repository.statuses()
+                            if s.name == served.name and s.state is VersionState.AVAILABLE]
+            return pb.ModelMetadataResponse(
+                name=served.name, versions=versions, platform=PLATFORM,
+                inputs=[pb.ModelMetadataResponse.TensorMetadata(
+                    name=model.input.name, datatype=tensors.UINT8, shape=model.input_shape)],
+                outputs=[pb.ModelMetadataResponse.TensorMetadata(
+                    name=model.output.name, datatype=tensors.FP32, shape=[-1, model.num_classes])],
+            )
+
+        return await self._unary("ModelMetadata", context, handler)
+
+    # ---- inference -----------------------------------------------------------------------
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        return await self._unary("ModelInfer", context, lambda call: self._infer(request, call), request.id)
+
+    async def _infer(self, request: pb.ModelInferRequest, call: CallRecord) -> pb.ModelInferResponse:
+        served = self._resolve(call, request.model_name, request.model_version)
+        model = self._model_of(served)
+        tensor = self._input_tensor(request, model)
+        outputs = self._requested_outputs(request, model)
+        started = time.perf_counter()
+        pixels = await self._to_pixels(tensor)
+        self.core.observe_decode(time.perf_counter() - started, served.name, served.version)
+        call.images = len(pixels)
+        outcome = await self.core.infer(pixels, served.name, served.version, call.deadline)
+        # top_k also counts the images by predicted class, so every answer is counted once.
+        most = max((o.class_count or 1 for o in outputs), default=1)
+        ranked = self.core.top_k(outcome, min(most, outcome.probabilities.shape[1]))
+        response = pb.ModelInferResponse(
+            model_name=outcome.served.name, model_version=str(outcome.served.version), id=request.id,
+        )
+        raw = len(request.raw_input_contents) > 0
+        for output in outputs:
+            if output.class_count is None:
+                self._add_probabilities(response, output.name, outcome.probabilities, raw)
+            else:
+                self._add_classes(response, output.name, ranked, output.class_count, raw)
+        return response
+
+    def _input_tensor(self, request: pb.ModelInferRequest, model: OnnxModel) -> tensors.InputTensor:
+        if len(request.inputs) != 1:
+            raise InvalidInput(
+                f"model {model.name!r} takes 1 input ('{model.input.name}'), the request has {len(request.inputs)}",
+                reason="bad_inputs",
+            )
+        given = request.inputs[0]
+        if given.name != model.input.name:
+            raise InvalidInput(
+                f"unexpected input '{given.name}' for model {model.name!r}: its input is '{model.input.name}'",
+                reason="bad_inputs",
+            )
+        raw = None
+        if request.raw_input_contents:
+            if len(request.raw_input_contents) != len(request.inputs):
+                raise InvalidInput(
+                    f"raw_input_contents has {len(request.raw_input_contents)} entries for "
+                    f"{len(request.inputs)} input (one per input, in order)",
+                    reason="bad_length",
+                )
+            if given.HasField("contents"):
+                raise InvalidInput(
+                    f"input '{given.name}' has both contents and raw_input_contents: send one",
+                    reason="bad_inputs",
+                )
+            raw = request.raw_input_contents[0]
+        field = tensors.CONTENTS_FIELD.get(given.datatype)
+        values = getattr(given.contents, field) if raw is None and field else None
+        return tensors.InputTensor(given.name, given.datatype, tuple(given.shape), raw, values)
+
+    def _requested_outputs(self, request: pb.ModelInferRequest, model: OnnxModel) -> list[RequestedOutput]:
+        if not request.outputs:
+            return [RequestedOutput(model.output.name, None)]
+        outputs = []
+        for wanted in request.outputs:
+            if wanted.name != model.output.name:
+                raise InvalidInput(
+                    f"unexpected output '{wanted.name}' for model {model.name!r}: its output is '{model.output.name}'",
+                    reason="bad_outputs",
+                )
+            class_count = None
+            if CLASSIFICATION in wanted.parameters:
+                class_count = self._class_count(wanted.name, wanted.parameters[CLASSIFICATION], model.num_classes)
+            outputs.append(RequestedOutput(wanted.name, class_count))
+        return outputs
+
+    @staticmethod
+    def _class_count(name: str, parameter: pb.InferParameter, num_classes: int) -> int:
+        kind = parameter.WhichOneof("parameter_choice")
+        if kind not in ("int64_param", "uint64_param"):
+            raise InvalidInput(
+                f"output '{name}': parameter 'classification' must be an integer (int64_param), got {kind}",
+                reason="bad_top_k",
+            )
+        count = getattr(parameter, kind)
+        if count < 1:
+            raise InvalidInput(f"output '{name}': classification count is {count}, expected >= 1", reason="bad_top_k")
+        return min(count, num_classes)
+
+    async def _to_pixels(self, tensor: tensors.InputTensor) -> np.ndarray:
+        zero_copy = tensor.raw is not None and tensor.datatype == tensors.UINT8
+        if zero_copy or tensor.payload_bytes <= CONVERT_INLINE_MAX_BYTES:
+            return tensors.to_pixels(tensor, self.max_images, self.max_pixels)
+        return await asyncio.get_running_loop().run_in_executor(
+            None, tensors.to_pixels, tensor, self.max_images, self.max_pixels
+        )
+
+    @staticmethod
+    def _add_probabilities(response: pb.ModelInferResponse, name: str, probabilities: np.ndarray, raw: bool) -> None:
+        output = response.outputs.add(name=name, datatype=tensors.FP32, shape=probabilities.shape)
+        if raw:
+            response.raw_output_contents.append(tensors.fp32_raw(probabilities))
+        else:
+            output.contents.fp32_contents.extend(probabilities.ravel().tolist())
+
+    @staticmethod
+    def _add_classes(response: pb.ModelInferResponse, name: str, ranked, class_count: int, raw: bool) -> None:
+        entries = [tensors.classification_entry(c.probability, c.class_index, c.label)
+                   for row in ranked for c in row[:class_count]]
+        output = response.outputs.add(name=name, datatype=tensors.BYTES, shape=[len(ranked), class_count])
+        if raw:
+            response.raw_output_contents.append(tensors.join_bytes(entries))
+        else:
+            output.contents.bytes_contents.extend(entries)
+
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests run concurrently and are answered in order; a failed
+        request answers with error_message (and its id) and the stream goes on."""
+        stream_call = self.calls.record("ModelStreamInfer", PROTOCOL, context)
+
+        async def one(request: pb.ModelInferRequest) -> tuple[pb.ModelStreamInferResponse, int]:
+            call = self.calls.record("ModelStreamInfer", PROTOCOL, context, request.id)
+            try:
+                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, call)), call.images
+            except Exception as exc:  # noqa: BLE001 - answered in the stream, never leaked
+                code, message, reason = status_of(exc, call.request_id)
+                if not isinstance(exc, ServingError):
+                    log.exception("stream request %s failed", call.request_id)
+                self.calls.count_rejection(reason, PROTOCOL, code)
+                failed = pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                )
+                return pb.ModelStreamInferResponse(error_message=message, infer_response=failed), 0
+
+        async for response in self.calls.ordered_stream(stream_call, request_iterator, one):
+            yield response
+
+    # ---- model repository extension -----------------------------------------------------
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
+        """Every version the repository knows, with Triton's state names; one repository, so
+        repository_name is not used."""
+        async def handler(call: CallRecord) -> pb.RepositoryIndexResponse:
+            response = pb.RepositoryIndexResponse()
+            for served in self.repository.statuses():
+                state = STATE_NAMES[served.state]
+                if request.ready and state != "READY":
+                    continue
+                response.models.add(name=served.name, version=str(served.version), state=state, reason=served.error)
+            return response
+
+        return await self._unary("RepositoryIndex", context, handler)
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context) -> pb.RepositoryModelLoadResponse:
+        async def handler(call: CallRecord) -> pb.RepositoryModelLoadResponse:
+            if request.parameters:
+                raise NotSupported(
+                    f"load parameters ({', '.join(sorted(request.parameters))}) are not supported: put the "
+                    "version's model.onnx and model_card.json in the model repository, then load"
+                )
+            validate_model_name(request.model_name)
+            await self._reload()
+            self._resolve(call, request.model_name, "")
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._unary("RepositoryModelLoad", context, handler)
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context) -> pb.RepositoryModelUnloadResponse:
+        async def handler(call: CallRecord) -> pb.RepositoryModelUnloadResponse:
+            raise NotSupported(
+                "unloading by RPC is not supported: the model repository is file-based, so remove the "
+                "model's directory (or narrow its version policy in repository.json) and call "
+                "RepositoryModelLoad, ReloadModels or send SIGHUP to rescan"
+            )
+
+        return await self._unary("RepositoryModelUnload", context, handler)

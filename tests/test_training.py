@@ -1,0 +1,171 @@
+"""Training on small slices of the real data: loader, a short run that learns, export, int8."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.conftest import REPO_ROOT, ServerProcess
+from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
+from training import data as cifar
+
+TRAIN_LIMIT, EPOCHS = 1536, 2
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """A 2-epoch `simple` run on 1,536 images, exported and quantized into a temp repository."""
+    root = tmp_path_factory.mktemp("training")
+    run_dir, repo = root / "run", root / "models"
+    run_module("training.train", "--recipe", "simple", "--epochs", str(EPOCHS), "--limit", str(TRAIN_LIMIT),
+               "--run-dir", str(run_dir), "--data-dir", str(data_dir))
+    run_module("training.export", "--run-dir", str(run_dir), "--repository", str(repo), "--name", "simple",
+               "--version", "3", "--data-dir", str(data_dir))
+    run_module("training.quantize", "--source", str(repo / "simple" / "3"), "--repository", str(repo),
+               "--name", "simple-int8", "--version", "1", "--data-dir", str(data_dir))
+    return run_dir, repo
+
+
+# ---- loader ------------------------------------------------------------------------------
+
+def test_loader_reads_every_split_with_valid_shapes_and_labels(data_dir):
+    train, test = cifar.load_train(data_dir), cifar.load_test(data_dir)
+    assert train.images.shape == (50_000, 32, 32, 3) and test.images.shape == (10_000, 32, 32, 3)
+    assert train.images.dtype == np.uint8
+    assert np.bincount(test.labels).tolist() == [1000] * 10
+
+
+def test_validation_split_is_seeded_stratified_and_disjoint(data_dir):
+    train = cifar.load_train(data_dir)
+    fit, val = cifar.train_validation_split(train, 5000, seed=1)
+    fit2, val2 = cifar.train_validation_split(train, 5000, seed=1)
+    assert np.array_equal(val.labels, val2.labels) and np.array_equal(val.images, val2.images)
+    assert len(fit) + len(val) == 50_000
+    assert np.bincount(val.labels).tolist() == [500] * 10
+
+
+def copy_batches(src, dst):
+    dst.mkdir()
+    for name in (*cifar.TRAIN_FILES, cifar.TEST_FILE, "batches.meta"):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+def test_missing_batch_file_is_a_clear_error(data_dir, tmp_path):
+    broken = copy_batches(data_dir, tmp_path / "cifar")
+    (broken / "data_batch_3").unlink()
+    with pytest.raises(cifar.DatasetError, match="missing CIFAR-10 batch file.*data_batch_3"):
+        cifar.load_train(broken)
+
+
+def test_corrupt_batch_file_is_a_clear_error(data_dir, tmp_path):
+    broken = copy_batches(data_dir, tmp_path / "cifar")
+    (broken / "test_batch").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(cifar.DatasetError, match="corrupt CIFAR-10 batch"):
+        cifar.load_test(broken)
+
+
+def rewrite_test_batch(data_dir, tmp_path, mutate):
+    """A copy of the data directory whose test batch went through `mutate(raw_dict)`."""
+    broken = copy_batches(data_dir, tmp_path / "cifar")
+    with open(data_dir / "test_batch", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    mutate(raw)
+    with open(broken / "test_batch", "wb") as f:
+        pickle.dump(raw, f)
+    return broken
+
+
+def test_partial_batch_is_a_clear_error(data_dir, tmp_path):
+    def truncate(raw):
+        raw[b"data"], raw[b"labels"] = raw[b"data"][:5000], raw[b"labels"][:5000]
+
+    with pytest.raises(cifar.DatasetError, match="partial CIFAR-10 test batch"):
+        cifar.load_test(rewrite_test_batch(data_dir, tmp_path, truncate))
+
+
+def test_labels_out_of_range_are_a_clear_error(data_dir, tmp_path):
+    def bad_label(raw):
+        raw[b"labels"] = [12] + list(raw[b"labels"][1:])
+
+    with pytest.raises(cifar.DatasetError, match="labels outside 0..9"):
+        cifar.load_test(rewrite_test_batch(data_dir, tmp_path, bad_label))
+
+
+# ---- training, export, quantization --------------------------------------------------------
+
+def test_a_short_run_learns_above_chance_on_held_out_images(trained):
+    state = json.loads((trained[0] / "state.json").read_text())
+    assert state["epochs_done"] == EPOCHS
+    assert state["best_val_accuracy"] > 0.15  # chance is 0.10; held-out images, never trained on
+
+
+def test_resume_continues_an_interrupted_run_from_its_checkpoint(trained, tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    state = json.loads((run_dir / "state.json").read_text())
+    result = run_module("training.train", "--recipe", "simple", "--epochs", str(EPOCHS), "--limit",
+                        str(TRAIN_LIMIT), "--run-dir", str(run_dir), "--data-dir", str(data_dir), "--resume")
+    assert f"resuming simple after epoch {EPOCHS}" in result.stdout
+    assert json.loads((run_dir / "state.json").read_text())["history"] == state["history"]
+
+
+def test_export_writes_a_verified_model_with_its_card_in_the_metadata(trained):
+    version_dir = trained[1] / "simple" / "3"
+    card = json.loads((version_dir / "model_card.json").read_text())
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [32, 32, 3])
+    assert out.name == "probabilities" and out.shape[1] == 10
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert json.loads(metadata["class_names"]) == list(cifar.CLASS_NAMES)
+    assert json.loads(metadata["test_accuracy"]) == card["test_accuracy"]
+    assert "sha256" not in metadata  # it lives beside the file, not inside it
+    assert card["parity"]["top1_mismatches"] == 0 and card["parity"]["max_abs_probability_diff"] < 1e-4
+    assert card["parity"]["images"] >= 1000
+    for key in ("per_class_accuracy", "training", "data_provenance", "parameters", "flops_per_image",
+                "source_commit", "preprocessing"):
+        assert key in card, key
+    assert set(card["test_accuracy"]) == {"all_10000", "bit_exact_0_1016"}
+    assert (version_dir / "confusion_matrix.png").stat().st_size > 0
+
+
+def test_exported_probabilities_sum_to_one(trained, test_slice):
+    session = ort.InferenceSession(str(trained[1] / "simple" / "3" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (probs,) = session.run(None, {"images": test_slice.images[:8]})
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_evaluate_reports_both_test_accuracies(trained, data_dir):
+    result = run_module("training.evaluate", str(trained[1] / "simple" / "3" / "model.onnx"), "--data-dir", str(data_dir))
+    report = json.loads(result.stdout)
+    card = json.loads((trained[1] / "simple" / "3" / "model_card.json").read_text())
+    assert report["test_accuracy"] == card["test_accuracy"]
+
+
+def test_int8_variant_is_loadable_accurate_and_served_under_its_own_name(trained):
+    card = json.loads((trained[1] / "simple-int8" / "1" / "model_card.json").read_text())
+    assert card["quantization"]["accuracy_drop_points"] < 3
+    assert "QDQ" in card["quantization"]["method"]
+    server = ServerProcess("--default-model", "simple", repository=trained[1])
+    try:
+        pixels = np.zeros((32, 32, 3), np.uint8)
+        image = pb.Image(raw=pb.RawPixels(data=pixels.tobytes(), height=32, width=32, channels=3))
+        reply = server.stub.Classify(pb.ClassifyRequest(image=image, model_name="simple-int8"), timeout=10)
+        assert (reply.model_name, reply.model_version) == ("simple-int8", 1)
+    finally:
+        server.stop()

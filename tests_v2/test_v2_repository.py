@@ -1,0 +1,75 @@
+"""The model repository extension and readiness while a model cannot serve."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2
+
+from tests_v2.conftest import MODEL, SHIPPED_MODELS, V2Server, expect_error, image_input
+
+
+@pytest.fixture(scope="module")
+def broken_server(tmp_path_factory):
+    """A repository whose only model's file is corrupt: live, never ready."""
+    repo = tmp_path_factory.mktemp("broken") / "models"
+    shutil.copytree(SHIPPED_MODELS / MODEL, repo / MODEL)
+    (repo / MODEL / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    proc = V2Server(repository=repo, wait_ready=False)
+    proc.wait_until(lambda: any(m.state == "UNAVAILABLE" for m in proc.client.get_model_repository_index().models))
+    yield proc
+    proc.stop()
+
+
+def test_server_is_live_but_not_ready_while_the_default_model_failed(broken_server):
+    assert broken_server.client.is_server_live()
+    assert not broken_server.client.is_server_ready()
+    assert not broken_server.client.is_model_ready(MODEL)
+
+
+def test_repository_index_reports_a_failed_version_as_unavailable_with_its_reason(broken_server):
+    (entry,) = broken_server.client.get_model_repository_index().models
+    assert (entry.name, entry.version, entry.state) == (MODEL, "1", "UNAVAILABLE")
+    assert "sha256" in entry.reason or "onnxruntime" in entry.reason
+
+
+def test_infer_on_a_model_that_cannot_serve_is_unavailable(broken_server):
+    tensor = image_input("images", np.zeros((1, 32, 32, 3), np.uint8), "UINT8")
+    expect_error("UNAVAILABLE", lambda: broken_server.client.infer(MODEL, [tensor]), f"'{MODEL}'", "FAILED")
+
+
+def test_ready_only_index_leaves_out_versions_that_cannot_serve(broken_server):
+    everything = broken_server.stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), timeout=10)
+    ready_only = broken_server.stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True), timeout=10)
+    assert len(everything.models) == 1
+    assert list(ready_only.models) == []
+
+
+def test_load_picks_up_a_version_added_on_disk(start_server, model_repo):
+    proc = start_server("--version-policy", "all", repository=model_repo)
+    shutil.copytree(model_repo / MODEL / "1", model_repo / MODEL / "2")
+    assert not proc.client.is_model_ready(MODEL, model_version="2")
+    proc.client.load_model(MODEL)
+    assert proc.client.is_model_ready(MODEL, model_version="2")
+    states = {m.version: m.state for m in proc.client.get_model_repository_index().models if m.name == MODEL}
+    assert states == {"1": "READY", "2": "READY"}
+
+
+def test_load_of_a_model_that_fails_to_load_is_unavailable_with_the_reason(broken_server):
+    expect_error("UNAVAILABLE", lambda: broken_server.client.load_model(MODEL), f"'{MODEL}'", "FAILED")
+
+
+def test_load_of_a_model_missing_from_the_repository_is_not_found(server):
+    expect_error("NOT_FOUND", lambda: server.client.load_model("resnet50"), "'resnet50'")
+
+
+def test_load_with_config_parameters_is_unimplemented(server):
+    expect_error("UNIMPLEMENTED", lambda: server.client.load_model(MODEL, config='{"max_batch_size": 8}'),
+                 "config", "model repository")
+
+
+def test_unload_is_unimplemented_and_says_how_to_unload(server):
+    expect_error("UNIMPLEMENTED", lambda: server.client.unload_model(MODEL), "file-based", "RepositoryModelLoad")
+    assert server.client.is_model_ready(MODEL)

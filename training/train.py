@@ -1,0 +1,212 @@
+"""Train a CIFAR-10 recipe with per-epoch checkpoints (optimizer state included) and --resume.
+
+    python -m training.train --recipe fast --run-dir runs/fast [--resume]
+
+Backend-neutral Keras 3: KERAS_BACKEND=tensorflow (default here) or jax (GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+
+from training import data as cifar  # noqa: E402
+from training.models import count_macs, resnet9, simple_cnn  # noqa: E402
+from training.recipes import RECIPES, Recipe  # noqa: E402
+
+CHECKPOINT = "checkpoint.keras"  # the last finished epoch, optimizer included
+BEST = "best.keras"  # the best epoch by validation accuracy
+STATE = "state.json"
+
+
+@keras.saving.register_keras_serializable(package="cifar10")
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to the peak, then linear decay to zero (Page's ResNet-9 schedule).
+
+    Keyed on the optimizer's own step count, so a resumed run continues where it stopped.
+    """
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int):
+        self.peak, self.total_steps, self.warmup_steps = float(peak), int(total_steps), int(warmup_steps)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        up = step / max(self.warmup_steps, 1)
+        down = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
+        return self.peak * keras.ops.maximum(keras.ops.minimum(up, down), 0.0)
+
+    def get_config(self) -> dict:
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+
+
+class AugmentedBatches(keras.utils.PyDataset):
+    """Shuffled batches with random crop (4-px reflect padding) and horizontal flip.
+
+    The permutation and the crops of epoch e come from seed+e, so a resumed run sees exactly
+    the batches the interrupted run would have seen.
+    """
+
+    def __init__(self, split: cifar.Split, batch_size: int, augment: bool, seed: int, epoch: int = 0):
+        super().__init__()
+        self.images = np.pad(split.images, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect") if augment else split.images
+        self.onehot = keras.utils.to_categorical(split.labels, 10).astype("float32")
+        self.batch_size, self.augment, self.seed = batch_size, augment, seed
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.rng = np.random.default_rng(self.seed + epoch)
+        self.order = self.rng.permutation(len(self.onehot))
+
+    def __len__(self) -> int:  # drop the remainder: static shapes keep XLA from recompiling
+        return len(self.onehot) // self.batch_size
+
+    def __getitem__(self, index: int):
+        idx = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        x = self.images[idx]
+        if self.augment:
+            rng = np.random.default_rng((self.seed + self.epoch) * 100_003 + index)
+            dy, dx = rng.integers(0, 9, size=(2, len(idx)))
+            rows = dy[:, None] + np.arange(32)[None, :]
+            cols = dx[:, None] + np.arange(32)[None, :]
+            x = x[np.arange(len(idx))[:, None, None], rows[:, :, None], cols[:, None, :]]
+            flip = rng.random(len(idx)) < 0.5
+            x[flip] = x[flip, :, ::-1]
+        return x, self.onehot[idx]
+
+    def on_epoch_end(self) -> None:
+        self.set_epoch(self.epoch + 1)
+
+
+class EpochState(keras.callbacks.Callback):
+    """After each epoch: checkpoint (optimizer included), best-by-validation copy, state.json."""
+
+    def __init__(self, run_dir: Path, state: dict):
+        super().__init__()
+        self.run_dir, self.state = run_dir, state
+        self.epoch_started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self.epoch_started
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        self.state["history"].append({"epoch": epoch + 1, "seconds": round(seconds, 1), **logs})
+        self.state["train_seconds"] += seconds
+        self.state["epochs_done"] = epoch + 1
+        if logs.get("val_accuracy", -1) > self.state.get("best_val_accuracy", -1):
+            self.state["best_val_accuracy"] = logs["val_accuracy"]
+            self.state["best_epoch"] = epoch + 1
+            self.model.save(self.run_dir / BEST)
+        self.model.save(self.run_dir / (CHECKPOINT + ".tmp.keras"))
+        os.replace(self.run_dir / (CHECKPOINT + ".tmp.keras"), self.run_dir / CHECKPOINT)
+        write_json(self.run_dir / STATE, self.state)
+        print(f"epoch {epoch + 1}: {seconds:.0f}s, loss {logs.get('loss', 0):.4f}, "
+              f"val_accuracy {logs.get('val_accuracy', 0):.4f}", flush=True)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def build_model(recipe: Recipe) -> keras.Model:
+    if recipe.architecture == "simple":
+        return simple_cnn()
+    if recipe.architecture == "resnet9":
+        return resnet9(width=recipe.width)
+    raise ValueError(f"unknown architecture {recipe.architecture!r}")
+
+
+def compile_model(model: keras.Model, recipe: Recipe, steps_per_epoch: int) -> None:
+    total = recipe.epochs * steps_per_epoch
+    schedule = OneCycle(recipe.peak_learning_rate, total, int(total * recipe.warmup_fraction))
+    optimizer = keras.optimizers.SGD(
+        learning_rate=schedule, momentum=recipe.momentum, nesterov=True,
+        weight_decay=recipe.weight_decay or None,
+    )
+    optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=keras.backend.backend() != "torch",
+    )
+
+
+def train(recipe: Recipe, data_dir: Path, run_dir: Path, resume: bool, limit: int | None = None,
+          verbose: int = 2) -> dict:
+    """Train (or resume) one run; returns its state. The best model is run_dir/best.keras."""
+    keras.utils.set_random_seed(recipe.seed)
+    train_all = cifar.load_train(data_dir)
+    train_split, val_split = cifar.train_validation_split(train_all, recipe.validation_size, recipe.seed)
+    if limit:  # small, seeded slices for tests and smoke runs
+        train_split = train_split.take(slice(0, limit))
+        val_split = val_split.take(slice(0, max(limit // 5, 100)))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    batches = AugmentedBatches(train_split, recipe.batch_size, recipe.augment, recipe.seed)
+    state_path = run_dir / STATE
+    if resume and (run_dir / CHECKPOINT).exists():
+        state = json.loads(state_path.read_text())
+        if state["recipe"] != recipe.to_dict():
+            raise SystemExit(f"--resume: {run_dir} holds a run of another recipe: {state['recipe']}")
+        model = keras.saving.load_model(run_dir / CHECKPOINT)
+        print(f"resuming {recipe.name} after epoch {state['epochs_done']}", flush=True)
+    else:
+        model = build_model(recipe)
+        compile_model(model, recipe, len(batches))
+        state = {
+            "recipe": recipe.to_dict(), "backend": keras.backend.backend(), "epochs_done": 0,
+            "train_seconds": 0.0, "history": [], "train_images": len(train_split),
+            "validation_images": len(val_split), "parameters": int(model.count_params()),
+            "macs_per_image": count_macs(model),
+        }
+    start_epoch = state["epochs_done"]
+    batches.set_epoch(start_epoch)
+    if start_epoch < recipe.epochs:
+        val_onehot = keras.utils.to_categorical(val_split.labels, 10).astype("float32")
+        model.fit(
+            batches, epochs=recipe.epochs, initial_epoch=start_epoch,
+            validation_data=(val_split.images, val_onehot), validation_batch_size=500,
+            callbacks=[EpochState(run_dir, state)], verbose=verbose,
+        )
+    images = state["train_images"] // recipe.batch_size * recipe.batch_size * state["epochs_done"]
+    state["images_per_second"] = round(images / max(state["train_seconds"], 1e-9), 1)
+    write_json(state_path, state)
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="default")
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10 python batches (default: $CIFAR10_DIR, ../shared/data/...)")
+    parser.add_argument("--run-dir", default=None, help="checkpoints and state (default: runs/<recipe>)")
+    parser.add_argument("--resume", action="store_true", help="continue from run-dir/checkpoint.keras")
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epoch count")
+    parser.add_argument("--limit", type=int, default=None, help="train on the first N training images only")
+    args = parser.parse_args(argv)
+    recipe = RECIPES[args.recipe]
+    if args.epochs:
+        recipe = Recipe(**{**recipe.to_dict(), "epochs": args.epochs})
+    data_dir = cifar.data_dir_or_exit(args.data_dir, allow_download=True)
+    run_dir = Path(args.run_dir or f"runs/{recipe.name}")
+    state = train(recipe, data_dir, run_dir, args.resume, args.limit)
+    print(json.dumps({k: state[k] for k in ("epochs_done", "train_seconds", "images_per_second", "best_val_accuracy", "best_epoch") if k in state}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
