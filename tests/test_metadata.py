@@ -26,7 +26,7 @@ def test_metadata_describes_classes_input_provider_and_accuracy(server):
     assert (meta.input.datatype, list(meta.input.shape), meta.input.layout) == ("uint8", [-1, 32, 32, 3], "NHWC")
     assert list(meta.output.shape) == [-1, 10]
     assert list(meta.execution_providers) == ["CPUExecutionProvider"]
-    assert meta.test_accuracy >= 0.85 and meta.test_accuracy_bit_exact > 0
+    assert meta.test_accuracy >= 0.80 and meta.test_accuracy_bit_exact >= 0.80
     assert len(meta.sha256) == 64
     assert json.loads(meta.model_card_json)["sha256"] == meta.sha256
     assert "bilinear" in meta.preprocessing and "mean" in meta.model_preprocessing
