@@ -41,7 +41,7 @@ class ServerConfig:
     max_images_per_request: int = 256
     max_image_pixels: int = 4096 * 4096  # decompression-bomb guard: checked before decoding
     max_message_bytes: int = 16 * 1024 * 1024
-    max_concurrent_streams: int = 100
+    max_concurrent_streams: int = 1000  # 100 refused streams (RST_STREAM 7) with 64 clients on one channel
     # Security: TLS and bearer-token auth are off unless configured ("" = off)
     tls_cert: str = ""  # PEM server certificate chain; with tls_key turns TLS on
     tls_key: str = ""

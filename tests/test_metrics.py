@@ -51,7 +51,8 @@ def test_every_phase_is_timed(traffic):
 
 
 def test_model_info_names_version_sha256_and_provider(traffic):
-    (labels,) = [dict(lbls) for n, lbls in traffic.metrics() if n == "classifier_model_info"]
+    (labels,) = [dict(lbls) for n, lbls in traffic.metrics()
+                 if n == "classifier_model_info" and dict(lbls)["model"] == "cifar10"]
     assert labels["model"] == "cifar10" and labels["provider"] == "CPUExecutionProvider"
     assert len(labels["sha256"]) == 64
 
