@@ -16,6 +16,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from serving import wire
 from serving.auth import BearerTokenInterceptor, load_tokens
 from serving.calls import CallObserver
 from serving.config import ServerConfig
@@ -74,7 +75,8 @@ class ClassifierServer:
             self.core, self.repository, self.calls, self.config.max_images_per_request,
             self.config.max_image_pixels, self.reload,
         )
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier, server)
+        wire.register(classifier_pb2_grpc.add_ClassifierServicer_to_server, classifier, server, self.calls,
+                      NATIVE_PROTOCOL)
         open_inference = OpenInferenceServicer(  # KServe V2 / Triton clients, same core and port
             self.core, self.repository, self.calls, self.config.max_images_per_request,
             self.config.max_image_pixels, self.reload, ready=lambda: not self._stopping and self.repository.ready(),

@@ -18,6 +18,7 @@ from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.repository import ModelRepository, ServedVersion, VersionState
 from serving.service import Classification, InferenceCore, check_top_k
 from serving.status import rpc_status, status_of
+from serving.wire import CorruptMessage, parsed
 
 log = logging.getLogger(__name__)
 PROTOCOL = "native"
@@ -122,10 +123,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         """Messages are classified concurrently and answered in order; a bad one answers in-band."""
         stream_call = self.calls.record("ClassifyStream", PROTOCOL, context)
 
-        async def one(request: pb.ClassifyRequest) -> tuple[pb.ClassifyStreamResponse, int]:
-            call = self.calls.record("ClassifyStream", PROTOCOL, context, request.request_id)
+        async def one(request: pb.ClassifyRequest | CorruptMessage) -> tuple[pb.ClassifyStreamResponse, int]:
+            request_id = "" if isinstance(request, CorruptMessage) else request.request_id
+            call = self.calls.record("ClassifyStream", PROTOCOL, context, request_id)
             try:
-                response = await self._classify(request, call)
+                response = await self._classify(parsed(request), call)
                 return pb.ClassifyStreamResponse(response=response, request_id=call.request_id), 1
             except Exception as exc:  # noqa: BLE001 - one bad message must not end the stream
                 code, message, reason = status_of(exc, call.request_id)

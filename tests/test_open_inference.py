@@ -10,11 +10,15 @@ import base64
 import json
 import subprocess
 
+import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2
 
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
+from serving.proto.inference import grpc_service_pb2 as v2
 from tests.conftest import REPO_ROOT, raw_image
+from tests.test_bad_input import CORRUPT_MESSAGE
 from tests.test_metadata import GRPCURL
 
 V2_SERVICE = "inference.GRPCInferenceService"
@@ -61,3 +65,29 @@ def test_triton_example_script_predicts_exactly_like_classify_batch(server, test
     assert example["images"] == len(test_slice) == len(classify)
     assert example["predictions"] == classify
     assert example["accuracy"] == np.mean(np.array(classify) == test_slice.labels)
+
+
+def v2_infer_request(request_id: str, pixels: np.ndarray) -> bytes:
+    request = v2.ModelInferRequest(model_name="cifar10", id=request_id, raw_input_contents=[pixels.tobytes()])
+    request.inputs.add(name="images", datatype="UINT8", shape=[1, 32, 32, 3])
+    return request.SerializeToString()
+
+
+def test_a_corrupt_model_infer_request_is_invalid_argument(server):
+    call = server.channel.unary_unary(f"/{V2_SERVICE}/ModelInfer", request_serializer=lambda raw: raw,
+                                      response_deserializer=v2.ModelInferResponse.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        call(CORRUPT_MESSAGE, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid inference.ModelInferRequest message" in err.value.details()
+
+
+def test_a_corrupt_message_in_model_stream_infer_is_answered_in_band_and_the_stream_goes_on(server, test_slice):
+    call = server.channel.stream_stream(f"/{V2_SERVICE}/ModelStreamInfer", request_serializer=lambda raw: raw,
+                                        response_deserializer=v2.ModelStreamInferResponse.FromString)
+    pixels = test_slice.images[0]
+    replies = list(call(iter([v2_infer_request("a", pixels), CORRUPT_MESSAGE, v2_infer_request("b", pixels)]),
+                        timeout=20))
+    assert [r.error_message == "" for r in replies] == [True, False, True]
+    assert [replies[0].infer_response.id, replies[2].infer_response.id] == ["a", "b"]
+    assert "not a valid inference.ModelInferRequest message" in replies[1].error_message

@@ -35,6 +35,8 @@ from serving.runtime import OnnxModel
 from serving.service import InferenceCore
 from serving.status import status_of
 from serving.v2 import tensors
+from serving import wire
+from serving.wire import CorruptMessage, parsed
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._ready = ready  # the server's readiness (gRPC health SERVING)
 
     def register(self, server: grpc.aio.Server) -> str:
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self, server)
+        wire.register(pb_grpc.add_GRPCInferenceServiceServicer_to_server, self, server, self.calls, PROTOCOL)
         return SERVICE_NAME
 
     async def _unary(self, method: str, context, handler: Callable[[CallRecord], Awaitable], request_id: str = ""):
@@ -284,10 +286,12 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request answers with error_message (and its id) and the stream goes on."""
         stream_call = self.calls.record("ModelStreamInfer", PROTOCOL, context)
 
-        async def one(request: pb.ModelInferRequest) -> tuple[pb.ModelStreamInferResponse, int]:
+        async def one(received: pb.ModelInferRequest | CorruptMessage) -> tuple[pb.ModelStreamInferResponse, int]:
+            request = pb.ModelInferRequest() if isinstance(received, CorruptMessage) else received
             call = self.calls.record("ModelStreamInfer", PROTOCOL, context, request.id)
             try:
-                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, call)), call.images
+                response = await self._infer(parsed(received), call)
+                return pb.ModelStreamInferResponse(infer_response=response), call.images
             except Exception as exc:  # noqa: BLE001 - answered in the stream, never leaked
                 code, message, reason = status_of(exc, call.request_id)
                 if not isinstance(exc, ServingError):
