@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from serving.config import load_config
+from serving.errors import StartupError
 from serving.logs import configure_logging
 
 
@@ -14,7 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_format, config.log_level)
     from serving.server import serve  # after logging is set up: imports onnxruntime
 
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        print(f"python -m serving: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

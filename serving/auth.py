@@ -20,6 +20,7 @@ from typing import Awaitable, Callable
 
 import grpc
 
+from serving.errors import StartupError
 from serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ REJECTION_REASON = "unauthenticated"
 OTHER_PROTOCOL = "grpc"  # rejections on services that are no API face (reflection, health)
 
 
-class AuthConfigError(ValueError):
+class AuthConfigError(StartupError):
     """Authentication was asked for but cannot be set up (unreadable file, no token)."""
 
 

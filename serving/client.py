@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,15 +29,35 @@ def image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def channel_for(args: argparse.Namespace) -> grpc.Channel:
-    if not args.tls_ca and not args.tls_cert:
-        return grpc.insecure_channel(args.target)
+def channel_to(target: str, tls_ca: str | None = None, tls_cert: str | None = None,
+               tls_key: str | None = None) -> grpc.Channel:
+    """Plaintext unless a CA or a client certificate is given; TLS (mutual with a certificate) otherwise."""
+    if not tls_ca and not tls_cert:
+        return grpc.insecure_channel(target)
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
-        private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
-        certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+        root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
+        private_key=Path(tls_key).read_bytes() if tls_key else None,
+        certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
     )
-    return grpc.secure_channel(args.target, credentials)
+    return grpc.secure_channel(target, credentials)
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser, environ: dict[str, str] | None = None,
+                             env_prefix: str = "") -> None:
+    """--token and the TLS flags; with env_prefix, each defaults to $<env_prefix>TOKEN, ...TLS_CA and so on."""
+    environ = {} if not env_prefix else (os.environ if environ is None else environ)
+    flags = [("token", "bearer token, if the server requires one"),
+             ("tls_ca", "CA certificate (PEM) to verify the server; turns TLS on"),
+             ("tls_cert", "client certificate (PEM) for mutual TLS"),
+             ("tls_key", "client private key (PEM) for mutual TLS")]
+    for name, help_text in flags:
+        env = f"{env_prefix}{name.upper()}"
+        parser.add_argument(f"--{name.replace('_', '-')}", default=environ.get(env) or None,
+                            help=f"{help_text} (default ${env})" if env_prefix else help_text)
+
+
+def token_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,18 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", type=int, default=0, help="model version (0: newest)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, seconds")
-    parser.add_argument("--token", default=None, help="bearer token, if the server requires one")
-    parser.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify the server")
-    parser.add_argument("--tls-cert", default=None, help="client certificate (PEM) for mutual TLS")
-    parser.add_argument("--tls-key", default=None, help="client private key (PEM) for mutual TLS")
+    add_connection_arguments(parser)
     args = parser.parse_args(argv)
     files = image_files(args.paths)
     if not files:
         print("no image files found", file=sys.stderr)
         return 2
-    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else None
+    metadata = token_metadata(args.token)
     failures = 0
-    with channel_for(args) as channel:
+    with channel_to(args.target, args.tls_ca, args.tls_cert, args.tls_key) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         for path in files:
             request = pb.ClassifyRequest(

@@ -67,3 +67,8 @@ class NotSupported(ServingError):
     """A protocol operation this server does not offer; the message says what to do instead (UNIMPLEMENTED)."""
 
     reason = "not_supported"
+
+
+class StartupError(Exception):
+    """A setting that cannot work (an unreadable certificate, a tokens file without tokens):
+    the server refuses to start and says why in one line, without a traceback."""

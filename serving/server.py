@@ -20,6 +20,7 @@ from serving import wire
 from serving.auth import BearerTokenInterceptor, load_tokens
 from serving.calls import CallObserver
 from serving.config import ServerConfig
+from serving.errors import StartupError
 from serving.metrics import ServingMetrics, serve_metrics
 from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc
 from serving.repository import BatchingOptions, ModelRepository
@@ -34,6 +35,14 @@ from serving.v2.servicer import OpenInferenceServicer
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def read_setting_file(flag: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise StartupError(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
 class ClassifierServer:
@@ -98,12 +107,8 @@ class ClassifierServer:
         address = f"{self.config.host}:{self.config.port}"
         if not self.config.tls_cert:
             return server.add_insecure_port(address)
-        with open(self.config.tls_cert, "rb") as cert, open(self.config.tls_key, "rb") as key:
-            pair = (key.read(), cert.read())
-        client_ca = None
-        if self.config.tls_client_ca:
-            with open(self.config.tls_client_ca, "rb") as ca:
-                client_ca = ca.read()
+        pair = (read_setting_file("--tls-key", self.config.tls_key), read_setting_file("--tls-cert", self.config.tls_cert))
+        client_ca = read_setting_file("--tls-client-ca", self.config.tls_client_ca) if self.config.tls_client_ca else None
         credentials = grpc.ssl_server_credentials(
             [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
         )

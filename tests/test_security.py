@@ -155,6 +155,28 @@ def test_mutual_tls_refuses_a_client_without_a_valid_certificate(start_server, p
     assert srv.stub.Classify(classify_request(), timeout=10).predictions  # the valid client still gets in
 
 
+def run_healthcheck(target: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving.healthcheck", "--target", target],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+
+
+def test_healthcheck_probes_a_mutual_tls_server_with_its_probe_settings_from_the_environment(start_server, pki):
+    srv = start_server(*tls_flags(pki, mutual=True), credentials=credentials(pki, pki.client))
+    probe_env = {"CIFAR10_PROBE_TLS_CA": str(pki.ca), "CIFAR10_PROBE_TLS_CERT": str(pki.client.cert),
+                 "CIFAR10_PROBE_TLS_KEY": str(pki.client.key)}
+    healthy = run_healthcheck(f"localhost:{srv.port}", probe_env)
+    assert healthy.returncode == 0 and "SERVING" in healthy.stdout, healthy.stdout + healthy.stderr
+    plaintext = run_healthcheck(f"localhost:{srv.port}", {})
+    assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stdout
+
+
+def test_healthcheck_sends_its_probe_token_when_health_needs_one(start_server):
+    srv = server_with_closed_health(start_server)
+    assert run_healthcheck(srv.target, {"CIFAR10_PROBE_TOKEN": TOKEN}).returncode == 0
+    refused = run_healthcheck(srv.target, {})
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stdout
+
+
 def run_client_cli(port: int, image: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "serving.client", str(image), "--target", f"localhost:{port}", "--top-k", "2", *flags],
@@ -255,19 +277,24 @@ def test_unauthenticated_calls_are_counted_by_reason(start_server):
     assert srv.metric("classifier_images_classified_total") == 0  # refused before any work
 
 
-def test_auth_health_flag_closes_health_too(start_server):
+def server_with_closed_health(start_server) -> ServerProcess:
+    """A server started with --auth-health, once a probe with the token sees it SERVING."""
     srv = start_server("--auth-health", env={"CIFAR10_AUTH_TOKENS": TOKEN}, wait_ready=False)
     check = health_pb2.HealthCheckRequest(service="")
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # a probe with the token sees the server become ready
+    while time.monotonic() < deadline:
         try:
             if srv.health.Check(check, timeout=1, metadata=bearer(TOKEN)).status == health_pb2.HealthCheckResponse.SERVING:
-                break
+                return srv
         except grpc.RpcError:
             pass
         time.sleep(0.1)
-    assert srv.health.Check(check, timeout=5, metadata=bearer(TOKEN)).status == health_pb2.HealthCheckResponse.SERVING
-    unauthenticated(lambda **kw: srv.health.Check(check, **kw))
+    raise AssertionError(f"not SERVING after 60 s:\n{srv.log()}")
+
+
+def test_auth_health_flag_closes_health_too(start_server):
+    srv = server_with_closed_health(start_server)
+    unauthenticated(lambda **kw: srv.health.Check(health_pb2.HealthCheckRequest(service=""), **kw))
 
 
 @pytest.mark.parametrize("content", ["", "# only a comment\n\n"], ids=["empty", "comments only"])
@@ -276,7 +303,18 @@ def test_a_tokens_file_without_tokens_refuses_to_start(start_server, tmp_path, c
     tokens_file.write_text(content)
     srv = start_server("--auth-tokens-file", str(tokens_file), wait_ready=False)
     assert srv.process.wait(60) != 0
-    assert "holds no token" in srv.log()
+    assert "holds no token" in srv.log() and "Traceback" not in srv.log()
+
+
+@pytest.mark.parametrize("flag", ["--tls-cert", "--tls-key", "--tls-client-ca", "--auth-tokens-file"])
+def test_a_missing_certificate_or_tokens_file_refuses_to_start_with_one_clear_line(start_server, pki, tmp_path, flag):
+    settings = {"--tls-cert": str(pki.server.cert), "--tls-key": str(pki.server.key), "--tls-client-ca": str(pki.ca),
+                "--auth-tokens-file": None}
+    settings[flag] = str(tmp_path / "missing.pem")
+    srv = start_server(*[part for item in settings.items() if item[1] for part in item], wait_ready=False)
+    assert srv.process.wait(60) == 2
+    assert f"error: {flag} {tmp_path / 'missing.pem'}: No such file or directory" in srv.log()
+    assert "Traceback" not in srv.log()
 
 
 def test_without_tokens_auth_is_off(server):
