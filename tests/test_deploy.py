@@ -27,6 +27,7 @@ import yaml
 from serving.config import ServerConfig, env_name
 from serving.healthcheck import check
 from tests.conftest import REPO_ROOT, SHIPPED_MODELS, free_port
+from tests.harness import LoggedProcess
 
 DOCKER_DIR = REPO_ROOT / "docker"
 DOCKERFILES = {"cpu": DOCKER_DIR / "Dockerfile", "gpu": DOCKER_DIR / "Dockerfile.gpu"}
@@ -221,7 +222,7 @@ def test_gpu_image_runs_on_a_cuda_cudnn_runtime_base():
 
 # ---- the image's command, run outside Docker ---------------------------------------------------
 
-class ImageCommand:
+class ImageCommand(LoggedProcess):
     """ENTRYPOINT + CMD with the image's CIFAR10_* env, free ports and the repo's models/."""
 
     def __init__(self, image: Dockerfile, log_path: Path):
@@ -233,33 +234,15 @@ class ImageCommand:
         self.env.update(CIFAR10_PORT=str(self.port), CIFAR10_METRICS_PORT=str(self.metrics_port),
                         CIFAR10_MODEL_REPOSITORY=str(SHIPPED_MODELS), CIFAR10_INTRA_OP_THREADS="1")
         argv = exec_form(stage.one("ENTRYPOINT")) + exec_form(stage.one("CMD"))
-        self._log = open(log_path, "w")
-        self.log_path = log_path
-        self.process = subprocess.Popen(outside_docker(argv), cwd=REPO_ROOT, env=self.child_env(),
-                                        stdout=self._log, stderr=subprocess.STDOUT)
+        super().__init__(outside_docker(argv), log_path, self.child_env())
 
     def child_env(self, **overrides: str) -> dict[str, str]:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR10_")}
         return {**inherited, **self.env, **overrides}
 
     def wait_serving(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"exited {self.process.returncode}:\n{self.log_path.read_text()}"
-            if check(f"127.0.0.1:{self.port}", timeout_s=1)[0]:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"not SERVING after {timeout}s:\n{self.log_path.read_text()}")
-
-    def stop(self) -> int:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
-        return self.process.returncode
+        self.wait_until("health SERVING", lambda: check(f"127.0.0.1:{self.port}", timeout_s=1)[0], timeout,
+                        poll_s=0.2)
 
 
 def run_healthcheck(image: Dockerfile, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:

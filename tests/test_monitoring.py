@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,6 +24,7 @@ import yaml
 
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from tests.conftest import DEFAULT_MODEL, REPO_ROOT, SHIPPED_MODELS, ServerProcess, free_port, raw_image
+from tests.harness import LoggedProcess
 
 PROMETHEUS_DIR = REPO_ROOT / "docker" / "prometheus"
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
@@ -129,7 +129,9 @@ def alert_rules() -> list[dict]:
 
 # ---- a real Prometheus scraping a real server ----------------------------------------------------
 
-class PrometheusProcess:
+class PrometheusProcess(LoggedProcess):
+    name = "prometheus"
+
     def __init__(self, workdir: Path, metrics_target: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -141,12 +143,10 @@ class PrometheusProcess:
         config_path = workdir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config))
         self.job = job["job_name"]
-        self.log_path = workdir / "prometheus.log"
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
+        super().__init__(
             [required_binary("prometheus"), f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self._log, stderr=subprocess.STDOUT,
+            workdir / "prometheus.log",
         )
 
     def get(self, path: str, **params: str) -> dict:
@@ -160,19 +160,6 @@ class PrometheusProcess:
     def query(self, expr: str) -> dict:
         return self.get("/api/v1/query", query=expr)
 
-    def wait_until(self, what: str, predicate, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"prometheus exited:\n{self.log_path.read_text()}")
-            try:
-                if predicate():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"prometheus: {what} not reached in {timeout}s:\n{self.log_path.read_text()}")
-
     def scrapes(self) -> float:
         """Samples of `up` for the job seen so far (grows by one per scrape)."""
         result = self.query(f'count_over_time(up{{job="{self.job}"}}[10m])')["data"]["result"]
@@ -181,15 +168,6 @@ class PrometheusProcess:
     def wait_scrapes(self, count: int) -> None:
         target = self.scrapes() + count
         self.wait_until(f"{count} more scrapes", lambda: self.scrapes() >= target)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
 
 
 def repository_with_broken_model(root: Path) -> Path:

@@ -1,20 +1,14 @@
 """Fixtures for the Open Inference Protocol tests: the real server (`python -m serving`, run from
 the project's .venv) driven by Triton's own client (tritonclient, from .venv-triton).
 
-Nothing of `serving` is imported here: these tests see the server only as a Triton/KServe
-client would.
+Nothing of `serving` is imported here (tests.harness imports none either): these tests see
+the server only as a Triton/KServe client would.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -22,83 +16,33 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from tests.harness import REPO_ROOT, SHIPPED_MODELS, ServedProcess, copy_of_shipped_models, started_processes
 from training import data as cifar
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_MODELS = REPO_ROOT / "models"
 MODEL = "cifar10"
 # The server runs from the project's own venv; this venv only holds the client side.
 SERVER_PYTHON = os.environ.get("CIFAR10_SERVER_PYTHON", str(REPO_ROOT / ".venv" / "bin" / "python"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class V2Server:
+class V2Server(ServedProcess):
     """`python -m serving` in a subprocess, with a tritonclient client and a raw V2 stub."""
 
     def __init__(self, *flags: str, repository: Path = SHIPPED_MODELS, wait_ready: bool = True):
-        self.port, self.metrics_port = free_port(), free_port()
-        self.url = f"127.0.0.1:{self.port}"
-        self.log_path = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"server-v2-{self.port}.log"
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [SERVER_PYTHON, "-m", "serving", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-             "--model-repository", str(repository), "--intra-op-threads", "1", *flags],
-            cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-        )
+        super().__init__(SERVER_PYTHON, flags, repository)
+        self.url = self.target
         self.client = triton.InferenceServerClient(self.url)
         # Triton's generated stub, for what tritonclient does not expose (typed contents).
         self.channel = grpc.insecure_channel(self.url)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
-        self.wait_until(self.client.is_server_ready if wait_ready else self.client.is_server_live)
+        probe = self.client.is_server_ready if wait_ready else self.client.is_server_live
+        self.wait_until("ready" if wait_ready else "live", probe, retry_on=(InferenceServerException,))
 
-    def wait_until(self, probe, timeout: float = 60.0) -> None:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if probe():
-                    return
-            except InferenceServerException:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"server not ready after {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of a sample over every series whose labels include `labels`."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        wanted = set(labels.items())
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and wanted <= set(sample.labels.items())
-        )
-
-    def stop(self, timeout: float = 30.0) -> None:
+    def close_clients(self) -> None:
         self.client.close()
         self.channel.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 @pytest.fixture(scope="session")
@@ -112,24 +56,13 @@ def server():
 @pytest.fixture
 def start_server():
     """Factory for servers with their own flags or repository; each is stopped after the test."""
-    started: list[V2Server] = []
-
-    def start(*flags: str, **kwargs) -> V2Server:
-        proc = V2Server(*flags, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
+    yield from started_processes(V2Server)
 
 
 @pytest.fixture
 def model_repo(tmp_path) -> Path:
     """A private copy of the shipped repository, to add, break and remove versions in."""
-    repo = tmp_path / "models"
-    shutil.copytree(SHIPPED_MODELS, repo)
-    return repo
+    return copy_of_shipped_models(tmp_path)
 
 
 @pytest.fixture(scope="session")

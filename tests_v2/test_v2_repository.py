@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException
 
 from tests_v2.conftest import MODEL, SHIPPED_MODELS, V2Server, expect_error, image_input
 
@@ -18,7 +19,9 @@ def broken_server(tmp_path_factory):
     shutil.copytree(SHIPPED_MODELS / MODEL, repo / MODEL)
     (repo / MODEL / "1" / "model.onnx").write_bytes(b"not an onnx file")
     proc = V2Server(repository=repo, wait_ready=False)
-    proc.wait_until(lambda: any(m.state == "UNAVAILABLE" for m in proc.client.get_model_repository_index().models))
+    proc.wait_until("the broken version UNAVAILABLE", lambda: any(
+        m.state == "UNAVAILABLE" for m in proc.client.get_model_repository_index().models),
+        retry_on=(InferenceServerException,))
     yield proc
     proc.stop()
 
