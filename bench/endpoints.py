@@ -21,6 +21,7 @@ from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from training import data as cifar
 
 NATIVE_CLASSIFY = "/cifar10.classifier.v1.Classifier/Classify"
+NATIVE_CLASSIFY_BATCH = "/cifar10.classifier.v1.Classifier/ClassifyBatch"
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,9 @@ class Endpoint:
     input_form: str  # "raw" | "png"
     method: str
     requests: list[bytes]
-    labels: np.ndarray  # true class of requests[i]
-    top1_of: Callable[[bytes], int]
+    labels: np.ndarray  # true class of requests[i] (of its first image, for batch requests)
+    top1_of: Callable[[bytes], int]  # of the first image, for batch requests
+    images_per_request: int = 1
 
     def accuracy(self, responses: list[tuple[int, bytes]]) -> float:
         """Top-1 agreement with the labels over (request index, response bytes) samples."""
@@ -56,12 +58,16 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def image_message(pixels: np.ndarray, input_form: str) -> pb.Image:
+    if input_form == "png":
+        return pb.Image(encoded=png_bytes(pixels))
+    height, width, channels = pixels.shape
+    return pb.Image(raw=pb.RawPixels(data=pixels.tobytes(), height=height, width=width, channels=channels))
+
+
 def native_endpoint(images: cifar.Split, input_form: str, model_name: str = "") -> Endpoint:
     def image_of(pixels: np.ndarray) -> pb.Image:
-        if input_form == "png":
-            return pb.Image(encoded=png_bytes(pixels))
-        height, width, channels = pixels.shape
-        return pb.Image(raw=pb.RawPixels(data=pixels.tobytes(), height=height, width=width, channels=channels))
+        return image_message(pixels, input_form)
 
     requests = [pb.ClassifyRequest(image=image_of(p), model_name=model_name).SerializeToString() for p in images.images]
 
@@ -69,6 +75,27 @@ def native_endpoint(images: cifar.Split, input_form: str, model_name: str = "") 
         return pb.ClassifyResponse.FromString(body).predictions[0].class_index
 
     return Endpoint("native", input_form, NATIVE_CLASSIFY, requests, images.labels, top1_of)
+
+
+def health_check_endpoint() -> Endpoint:
+    """grpc.health.v1 Check: a round trip through the same client, channel and server with no
+    image and no inference, i.e. the floor that per-call gRPC costs put under every latency."""
+    return Endpoint("grpc", "none", "/grpc.health.v1.Health/Check", [b""], np.zeros(1, dtype=np.int64), lambda body: 0)
+
+
+def native_batch_endpoint(images: cifar.Split, images_per_request: int, model_name: str = "") -> Endpoint:
+    """ClassifyBatch with `images_per_request` consecutive raw images per call (client-side batching)."""
+    starts = range(0, len(images.images) - images_per_request + 1, images_per_request)
+    requests = [pb.ClassifyBatchRequest(
+        images=[image_message(p, "raw") for p in images.images[start:start + images_per_request]],
+        model_name=model_name, top_k=1,
+    ).SerializeToString() for start in starts]
+
+    def top1_of(body: bytes) -> int:
+        return pb.ClassifyBatchResponse.FromString(body).results[0].predictions[0].class_index
+
+    labels = np.asarray([images.labels[start] for start in starts])
+    return Endpoint("native", "raw", NATIVE_CLASSIFY_BATCH, requests, labels, top1_of, images_per_request)
 
 
 def v2_endpoint(images: cifar.Split, channel: grpc.Channel, model_name: str, v2) -> Endpoint:

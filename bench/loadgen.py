@@ -38,6 +38,7 @@ class LoadResult:
     errors: dict[str, int]
     accuracy: float
     client_cpu_s: float
+    images_per_request: int = 1
     extra: dict = field(default_factory=dict)
 
     @property
@@ -46,8 +47,8 @@ class LoadResult:
 
     @property
     def throughput(self) -> float:
-        """Images per second answered OK (one image per request)."""
-        return self.ok / self.duration_s if self.duration_s > 0 else 0.0
+        """Images per second answered OK."""
+        return self.ok * self.images_per_request / self.duration_s if self.duration_s > 0 else 0.0
 
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_s, q) * 1000) if self.ok else float("nan")
@@ -60,7 +61,7 @@ class LoadResult:
             **{f"p{q}_ms": round(self.percentile_ms(q), 3) for q in (50, 95, 99)},
             "max_ms": round(float(self.latencies_s.max() * 1000), 3) if self.ok else float("nan"),
             "errors": dict(self.errors), "accuracy": self.accuracy,
-            "client_cpu_s": round(self.client_cpu_s, 2), **self.extra,
+            "client_cpu_s": round(self.client_cpu_s, 2), "images_per_request": self.images_per_request, **self.extra,
         }
 
 
@@ -94,8 +95,9 @@ class _Window:
 class _Progress:
     """One status line on stderr, refreshed every second."""
 
-    def __init__(self, label: str, window: _Window, total_s: float, enabled: bool):
+    def __init__(self, label: str, window: _Window, total_s: float, enabled: bool, images_per_request: int = 1):
         self.label, self.window, self.total_s, self.enabled = label, window, total_s, enabled
+        self.images_per_request = images_per_request
         self.began = time.perf_counter()
 
     async def run(self) -> None:
@@ -105,7 +107,7 @@ class _Progress:
             await asyncio.sleep(1.0)
             now = time.perf_counter()
             measured = max(0.0, min(now, self.window.end) - self.window.start)
-            rate = len(self.window.latencies) / measured if measured > 0 else 0.0
+            rate = len(self.window.latencies) * self.images_per_request / measured if measured > 0 else 0.0
             p50 = np.percentile(self.window.latencies, 50) * 1000 if self.window.latencies else float("nan")
             phase = "warm-up" if now < self.window.start else "measuring"
             sys.stderr.write(
@@ -148,7 +150,7 @@ async def _measure(label: str, mode: str, endpoint: Endpoint, warmup_s: float, d
                    rate: float | None = None) -> LoadResult:
     began = time.perf_counter()
     window = _Window(began + warmup_s, began + warmup_s + duration_s, by_send_time=mode == "open")
-    reporter = _Progress(label, window, warmup_s + duration_s, progress)
+    reporter = _Progress(label, window, warmup_s + duration_s, progress, endpoint.images_per_request)
     progress_task = asyncio.ensure_future(reporter.run())
     client_cpu_s = server_cpu_s = float("nan")
 
@@ -171,12 +173,12 @@ async def _measure(label: str, mode: str, endpoint: Endpoint, warmup_s: float, d
     await cpu_task
     result = LoadResult(
         label, mode, concurrency, rate, duration_s, np.asarray(window.latencies, dtype=np.float64),
-        dict(window.errors), endpoint.accuracy(window.samples), client_cpu_s,
+        dict(window.errors), endpoint.accuracy(window.samples), client_cpu_s, endpoint.images_per_request,
     )
     if window.error_examples:
         result.extra["error_examples"] = window.error_examples
     if server_cpu and result.ok:
-        result.extra["server_cpu_ms_per_image"] = round(server_cpu_s * 1000 / result.ok, 3)
+        result.extra["server_cpu_ms_per_image"] = round(server_cpu_s * 1000 / (result.ok * endpoint.images_per_request), 3)
     reporter.done(result)
     return result
 

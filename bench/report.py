@@ -42,17 +42,20 @@ def targets(results: dict) -> list[dict]:
     found = []
     if limit:
         best, batch1 = limit["best_throughput"], limit["batch1_p50_ms"]
-        for key, share in (("ours-raw", 0.8), ("ours-png", 0.7)):
+        # One image per call (the reading), and the same raw pixels sent 32 per ClassifyBatch
+        # call, which shows what per-call gRPC cost takes away on 2 shared cores.
+        for key, share in (("ours-raw", 0.8), ("ours-png", 0.7), ("ours-batch32", 0.8)):
             if key in rows:
                 ratio = saturation(rows[key]) / best
                 found.append(_target(
                     f"{key} saturation >= {share:.0%} of raw onnxruntime's best",
                     f"{saturation(rows[key]):.0f} / {best:.0f} img/s = {ratio:.0%}", ratio >= share,
                     f"limit at batch {limit['best_batch']}"))
-        first = _at(rows.get("ours-raw"), 1)
+        first, floor = _at(rows.get("ours-raw"), 1), _at(rows.get("grpc-floor"), 1)
         if first:
             found.append(_target("ours-raw p50 at concurrency 1 <= raw onnxruntime batch-1 p50 + 1 ms",
-                                 f"{first['p50_ms']:.2f} ms vs {batch1:.2f} + 1 ms", first["p50_ms"] <= batch1 + 1.0))
+                                 f"{first['p50_ms']:.2f} ms vs {batch1:.2f} + 1 ms", first["p50_ms"] <= batch1 + 1.0,
+                                 f"a health Check round trip alone takes {floor['p50_ms']:.2f} ms" if floor else ""))
     ours_key = "ours-v2" if "ours-v2" in rows else "ours-raw"
     if "mlserver-v2" in rows and ours_key in rows:
         for concurrency in (16, 64):
@@ -104,7 +107,9 @@ def markdown(results: dict) -> str:
         lines.append("")
     lines += ["## Load runs", "",
               "Closed loop: `c` clients each with one request in flight. Open loop: a fixed request rate, latency "
-              "from the scheduled send time. One image per request.", "",
+              "from the scheduled send time. One image per request, except `ours-batch32` (32 per "
+              "ClassifyBatch call; img/s counts images, latency is per call) and `grpc-floor` (a health Check, "
+              "no image: its img/s are calls/s).", "",
               "| row | load | img/s | p50 ms | p95 ms | p99 ms | max ms | errors | mean batch | server CPU ms/img "
               "| client CPU ms/img | top-1 (sample) |",
               "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
@@ -116,7 +121,7 @@ def markdown(results: dict) -> str:
                 f"| {scenario['key']} | {load} | {_fmt(run['throughput'])} | {_fmt(run['p50_ms'], 2)} | "
                 f"{_fmt(run['p95_ms'], 2)} | {_fmt(run['p99_ms'], 2)} | {_fmt(run['max_ms'], 2)} | {errors} | "
                 f"{_fmt(run.get('mean_batch'), 1)} | {_fmt(run.get('server_cpu_ms_per_image'), 2)} | "
-                f"{_fmt(run['client_cpu_s'] * 1000 / run['ok'] if run['ok'] else None, 2)} | "
+                f"{_fmt(run['client_cpu_s'] * 1000 / (run['ok'] * run.get('images_per_request', 1)) if run['ok'] else None, 2)} | "
                 f"{_fmt(run['accuracy'] * 100 if run['accuracy'] == run['accuracy'] else None, 0)}% |")
     lines += ["", "Rows: " + "; ".join(f"`{s['key']}`: {s['title']}" for s in results.get("scenarios", [])), ""]
     lines += ["## Batch sizes the server formed (classifier_batch_size, per run incl. warm-up)", "",
@@ -157,7 +162,7 @@ def throughput_chart(results: dict, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 5))
     for scenario in results.get("scenarios", []):
         runs = _closed(scenario)
-        if runs:
+        if runs and scenario["key"] != "grpc-floor":  # calls/s, not images/s
             axes.plot([r["concurrency"] for r in runs], [r["throughput"] for r in runs], marker="o", label=scenario["key"])
     for model, limit in results.get("limits", {}).items():
         axes.axhline(limit["best_throughput"], linestyle="--", color="grey" if model == FP32 else "silver",

@@ -2,8 +2,10 @@
 
 Rows (each a separate server process; the load generator is this process):
   limit        raw onnxruntime in this process, best batch size (the ceiling)
+  grpc-floor   our server's grpc.health.v1 Check: what one gRPC round trip costs, no inference
   ours-raw     our server, native Classify, raw uint8 pixels (closed loop + open loop)
   ours-png     our server, native Classify, PNG bytes
+  ours-batch32 our server, native ClassifyBatch of 32 raw images per call (client-side batching)
   ours-v2      our server, V2 ModelInfer (only when the server offers inference.GRPCInferenceService)
   mlserver-v2  the peer: MLServer 1.7.1 + onnxruntime custom runtime, adaptive batching (closed + open loop)
   naive-raw    our server with --max-batch-size 1: one onnxruntime call per request
@@ -28,7 +30,8 @@ import onnxruntime as ort
 
 from bench import limit as raw_limit
 from bench import report, v2proto
-from bench.endpoints import Endpoint, native_endpoint, cifar_test_images, v2_endpoint
+from bench.endpoints import (Endpoint, cifar_test_images, health_check_endpoint, native_batch_endpoint, native_endpoint,
+                             v2_endpoint)
 from bench.loadgen import LoadResult, closed_loop, open_loop
 from bench.servers import MLSERVER_VENV, REPO_ROOT, MLServerPeer, OurServer
 
@@ -45,7 +48,12 @@ class Plan:
     limit_seconds_per_size: float
     startup_repeats: int
     concurrencies: tuple[int, ...] = (1, 4, 16, 64)
+    # ClassifyBatch calls of BATCH_ROW_IMAGES images each: 8 in flight already keep 256 images queued.
+    batch_concurrencies: tuple[int, ...] = (1, 2, 4, 8)
 
+
+BATCH_ROW_IMAGES = 32
+BATCH_ROW = f"ours-batch{BATCH_ROW_IMAGES}"
 
 PLANS = {
     "quick": Plan(warmup_s=1.0, duration_s=3.0, limit_seconds_per_size=0.5, startup_repeats=1),
@@ -82,8 +90,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def training_running() -> bool:
-    """Timings taken while the background training run holds the cores are not valid."""
-    return subprocess.run(["pgrep", "-f", "training.train"], capture_output=True).returncode == 0
+    """Timings taken while a training run holds the cores are not valid (a paused one, state T, is fine)."""
+    found = subprocess.run(["pgrep", "-f", "training.train"], capture_output=True, text=True)
+    for pid in found.stdout.split():
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("T", "t", "Z"):
+            return True
+    return False
+
+
+def newest_version(model: str) -> Path:
+    """The version directory our server serves by default (its policy is latest:1)."""
+    versions = sorted((int(p.name), p) for p in (MODELS / model).glob("*") if p.name.isdigit() and p.is_dir())
+    return versions[-1][1] if versions else MODELS / model / "1"
 
 
 def bench_repository(work: Path, model: str) -> Path:
@@ -113,10 +135,10 @@ class Bench:
     # --- drivers -------------------------------------------------------------------------------
 
     def drive(self, scenario: Scenario, server, endpoint: Endpoint, open_rate: float | None = None,
-              batch_model: str | None = None) -> None:
+              batch_model: str | None = None, concurrencies: tuple[int, ...] | None = None) -> None:
         """Closed loop at every concurrency (and open loop at open_rate) against one server."""
         plan = self.plan
-        points: list[tuple[str, int | float]] = [("closed", c) for c in plan.concurrencies]
+        points: list[tuple[str, int | float]] = [("closed", c) for c in (concurrencies or plan.concurrencies)]
         if open_rate:
             points.append(("open", open_rate))
         for mode, value in points:
@@ -150,7 +172,7 @@ class Bench:
 
     def limits(self) -> None:
         for model in (FP32_MODEL, INT8_MODEL):
-            path = MODELS / model / "1" / MODEL_FILE
+            path = newest_version(model) / MODEL_FILE
             if not path.exists():
                 continue
             result = raw_limit.measure(path, self.images.images, self.args.threads,
@@ -180,6 +202,9 @@ class Bench:
         server = self.our_server("ours", FP32_MODEL)
         self._record_server("ours", server)
         try:
+            if "grpc-floor" not in self.skip:
+                scenario = self._scenario("grpc-floor", "ours, grpc.health.v1 Check: the per-call floor, no inference")
+                self.drive(scenario, server, health_check_endpoint(), None, None, (1, 64))
             rows = [("ours-raw", "ours, native, raw pixels", "raw", self.args.open_rate),
                     ("ours-png", "ours, native, PNG", "png", None)]
             for key, title, form, rate in rows:
@@ -187,6 +212,10 @@ class Bench:
                     continue
                 scenario = self._scenario(key, title)
                 self.drive(scenario, server, native_endpoint(self.images, form), rate, FP32_MODEL)
+            if BATCH_ROW not in self.skip:
+                scenario = self._scenario(BATCH_ROW, f"ours, native ClassifyBatch of {BATCH_ROW_IMAGES} raw images")
+                self.drive(scenario, server, native_batch_endpoint(self.images, BATCH_ROW_IMAGES), None, FP32_MODEL,
+                           self.plan.batch_concurrencies)
             if "ours-v2" not in self.skip:
                 self._ours_v2(server)
         finally:
@@ -217,8 +246,8 @@ class Bench:
             server.stop()
 
     def int8(self) -> None:
-        if not (MODELS / INT8_MODEL / "1" / MODEL_FILE).exists():
-            note = f"int8 row skipped: models/{INT8_MODEL}/1/{MODEL_FILE} is not there yet"
+        if not (newest_version(INT8_MODEL) / MODEL_FILE).exists():
+            note = f"int8 row skipped: models/{INT8_MODEL}/ holds no {MODEL_FILE}"
             print("  " + note, flush=True)
             self.results["notes"].append(note)
             return
@@ -233,7 +262,7 @@ class Bench:
     def mlserver(self) -> None:
         if not (MLSERVER_VENV / "bin" / "mlserver").exists():
             raise SystemExit(f"MLServer is not installed in {MLSERVER_VENV}: run `make bench-venvs` (or --skip mlserver-v2)")
-        peer = MLServerPeer(self.work / "mlserver.log", MODELS / FP32_MODEL / "1", self.work,
+        peer = MLServerPeer(self.work / "mlserver.log", newest_version(FP32_MODEL), self.work,
                             intra_op_threads=self.args.threads, max_batch_time_s=self.args.peer_batch_time_ms / 1000,
                             parallel_workers=self.args.peer_workers)
         peer.start()

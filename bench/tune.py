@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from bench.endpoints import native_endpoint, png_bytes, cifar_test_images
 from bench.loadgen import closed_loop
-from bench.run import FP32_MODEL, MODEL_FILE, MODELS, RESULTS, bench_repository, training_running
+from bench.run import FP32_MODEL, MODEL_FILE, RESULTS, bench_repository, newest_version, training_running
 from bench.servers import OurServer
 from serving import images as imaging
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
@@ -84,7 +84,7 @@ def server_variants(args: argparse.Namespace, images) -> list[dict]:
 
 
 def session_variants(threads: int, images: np.ndarray, seconds: float) -> list[dict]:
-    path = MODELS / FP32_MODEL / "1" / MODEL_FILE
+    path = newest_version(FP32_MODEL) / MODEL_FILE
     variants = {
         "defaults (spinning on, arena on, ORT_ENABLE_ALL)": {},
         "spinning off": {"config": {"session.intra_op.allow_spinning": "0"}},

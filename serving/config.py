@@ -33,6 +33,8 @@ class ServerConfig:
     require_gpu: bool = False
     intra_op_threads: int = 0  # 0 = one per available core
     inter_op_threads: int = 1
+    # Spinning intra-op threads burn the cores the event loop and the decoders need between runs.
+    intra_op_spinning: bool = True
     graph_optimization: str = "all"
     # Batching and limits
     max_batch_size: int = 64  # 1 turns dynamic batching off
@@ -73,6 +75,7 @@ _HELP = {
     "require_gpu": "fail readiness instead of silently falling back to the CPU provider",
     "intra_op_threads": "onnxruntime intra-op threads (0: one per core)",
     "inter_op_threads": "onnxruntime inter-op threads",
+    "intra_op_spinning": "let idle onnxruntime intra-op threads spin-wait for work (session.intra_op.allow_spinning)",
     "graph_optimization": "onnxruntime graph optimisation level",
     "max_batch_size": "most images per onnxruntime run (1 turns dynamic batching off)",
     "max_batch_delay_ms": "longest wait for more requests to fill a batch (0: greedy, no wait)",

@@ -48,6 +48,7 @@ class RuntimeOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     graph_optimization: str = "all"
+    intra_op_spinning: bool = True
 
 
 @dataclass
@@ -134,6 +135,7 @@ class OnnxModel:
         so.graph_optimization_level = OPTIMIZATION[options.graph_optimization]
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.intra_op_spinning else "0")
         try:
             return ort.InferenceSession(model_bytes, sess_options=so, providers=choose_providers(options.providers))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types for bad files

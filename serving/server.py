@@ -54,7 +54,7 @@ class ClassifierServer:
         self.repository = ModelRepository(
             config.model_repository,
             RuntimeOptions(config.providers, config.require_gpu, config.intra_op_threads,
-                           config.inter_op_threads, config.graph_optimization),
+                           config.inter_op_threads, config.graph_optimization, config.intra_op_spinning),
             BatchingOptions(config.max_batch_size, config.max_batch_delay_ms / 1000.0, config.max_queue_size),
             self.metrics, config.default_model, config.version_policy,
         )

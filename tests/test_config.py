@@ -10,7 +10,8 @@ import pytest
 
 from serving.config import ServerConfig, load_config
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
-from tests.conftest import raw_image
+from serving.runtime import OnnxModel, RuntimeOptions
+from tests.conftest import DEFAULT_MODEL, SHIPPED_MODELS, raw_image
 
 
 def test_defaults_serve_the_shipped_repository_on_localhost():
@@ -51,3 +52,12 @@ def test_json_logs_carry_one_access_line_per_request(start_server):
     assert access[0]["method"] == "Classify" and access[0]["status"] == "OK" and access[0]["model"] == "cifar10"
     assert access[0]["latency_ms"] > 0
     assert any("AVAILABLE" in line["message"] and "CPUExecutionProvider" in line["message"] for line in lines)
+
+
+@pytest.mark.parametrize("spinning,entry", [(True, "1"), (False, "0")])
+def test_intra_op_spinning_reaches_the_onnxruntime_session(spinning, entry):
+    config = load_config(["--intra-op-spinning", str(spinning).lower()], environ={})
+    model = OnnxModel(DEFAULT_MODEL, 1, SHIPPED_MODELS / DEFAULT_MODEL / "1",
+                      RuntimeOptions(intra_op_threads=1, intra_op_spinning=config.intra_op_spinning))
+    options = model.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from bench import report, v2proto
-from bench.endpoints import Endpoint, native_endpoint, cifar_test_images, v2_endpoint
+from bench.endpoints import Endpoint, cifar_test_images, native_batch_endpoint, native_endpoint, v2_endpoint
 from bench.loadgen import closed_loop, open_loop
 from bench.run import FP32_MODEL, bench_repository
 from bench.servers import MLSERVER_VENV, BatchSizes, MLServerPeer, OurServer, REPO_ROOT
@@ -50,6 +50,17 @@ def test_closed_loop_counts_answers_and_the_server_formed_batches_for_them(serve
     assert formed.total >= result.ok  # every measured image went through a batch (warm-up ones too)
     assert 1 <= formed.mean <= 4  # at most one image per client in flight
     assert 0 < result.percentile_ms(50) <= result.percentile_ms(99)
+
+
+def test_batch_endpoint_counts_every_image_of_a_call_and_the_server_batches_them_together(server, images):
+    before = server.batch_sizes(FP32_MODEL)
+    endpoint = native_batch_endpoint(images, 16)
+    result = drive(server.target, lambda ch: closed_loop(ch, endpoint, 1, 1.5, 0.3, progress=False))
+    formed = server.batch_sizes(FP32_MODEL).minus(before)
+    assert result.errors == {} and result.ok > 2
+    assert result.throughput == pytest.approx(result.ok * 16 / result.duration_s)
+    assert formed.mean >= 16  # one call's images go through onnxruntime as one batch
+    assert result.accuracy > 0.5  # the first image's answer matches its label
 
 
 def test_open_loop_sends_at_the_requested_rate(server, images):
