@@ -69,6 +69,10 @@ def targets(results: dict) -> list[dict]:
                 f"p99 {ours['p99_ms']:.1f} vs {peer['p99_ms']:.1f} ms",
                 ratio >= 1.5 and ours["p99_ms"] <= peer["p99_ms"],
                 "protocol for protocol (V2 vs V2)" if ours_key == "ours-v2" else "our native API vs the peer's V2"))
+    if "ours-v2" in rows and "ours-raw" in rows:  # the V2 face must not be a slow second path
+        v2, native = saturation(rows["ours-v2"]), saturation(rows["ours-raw"])
+        found.append(_target("ours-v2 saturation within 10% of ours-raw (same server, raw pixels)",
+                             f"{v2:.0f} vs {native:.0f} img/s = {v2 / native:.0%}", v2 >= 0.9 * native))
     startup = results.get("servers", {}).get("ours-startup")
     if startup:
         found.append(_target("startup (process start -> health SERVING) <= 2 s", f"{startup['startup_s']:.2f} s",

@@ -141,6 +141,8 @@ def test_export_writes_a_verified_model_with_its_card_in_the_metadata(trained):
                 "source_commit", "preprocessing"):
         assert key in card, key
     assert set(card["test_accuracy"]) == {"all_10000", "bit_exact_0_1016"}
+    training = card["training"]
+    assert len(training["epoch_seconds"]) == training["epochs"] and training["median_epoch_seconds"] > 0
     assert (version_dir / "confusion_matrix.png").stat().st_size > 0
 
 

@@ -145,6 +145,10 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
                 "train_seconds": round(state["train_seconds"], 1),
                 "train_minutes": round(state["train_seconds"] / 60, 1),
                 "images_per_second": state.get("images_per_second"),
+                # Wall time per epoch: an epoch that shared the cores (or was paused) shows up here,
+                # and the median says what an undisturbed epoch takes.
+                "epoch_seconds": [entry["seconds"] for entry in state.get("history", [])],
+                "median_epoch_seconds": median_epoch_seconds(state),
                 "train_images": state["train_images"], "validation_images": state["validation_images"],
                 "machine": state.get("machine", f"{os.cpu_count()} CPU cores"),
             },
@@ -168,6 +172,11 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return card
+
+
+def median_epoch_seconds(state: dict) -> float | None:
+    seconds = sorted(entry["seconds"] for entry in state.get("history", []))
+    return seconds[len(seconds) // 2] if seconds else None
 
 
 def ort_session_from_proto(onnx_model):
