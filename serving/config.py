@@ -33,7 +33,8 @@ class ServerConfig:
     require_gpu: bool = False
     intra_op_threads: int = 0  # 0 = one per available core
     inter_op_threads: int = 1
-    # Spinning intra-op threads burn the cores the event loop and the decoders need between runs.
+    # Spinning gives the lowest batch-1 latency; off hands the cores back between runs, for
+    # servers whose cores are shared (measured in bench/NOTES.md: no throughput gain here).
     intra_op_spinning: bool = True
     graph_optimization: str = "all"
     # Batching and limits
