@@ -111,8 +111,8 @@ def test_targets_report_a_server_below_the_limit_share_as_missed():
     }
     verdicts = [(t["target"], t["met"]) for t in report.targets(results)]
     # raw 79% (missed), png 71% (met), c=1 p50 1.0 <= 3.0 (met), c=16 2x & p99 better (met),
-    # c=64 1.4x (missed), startup (met), RSS 310 (missed)
-    assert [met for _, met in verdicts] == [False, True, True, True, False, True, False], verdicts
+    # c=64 1.4x (missed), V2 700 vs native 790 = 89% (missed), startup (met), RSS 310 (missed)
+    assert [met for _, met in verdicts] == [False, True, True, True, False, False, True, False], verdicts
 
 
 @pytest.mark.skipif(not (MLSERVER_VENV / "bin" / "mlserver").exists(), reason="make bench-venvs installs the peer")
