@@ -66,10 +66,8 @@ def image_message(pixels: np.ndarray, input_form: str) -> pb.Image:
 
 
 def native_endpoint(images: cifar.Split, input_form: str, model_name: str = "") -> Endpoint:
-    def image_of(pixels: np.ndarray) -> pb.Image:
-        return image_message(pixels, input_form)
-
-    requests = [pb.ClassifyRequest(image=image_of(p), model_name=model_name).SerializeToString() for p in images.images]
+    requests = [pb.ClassifyRequest(image=image_message(p, input_form), model_name=model_name).SerializeToString()
+                for p in images.images]
 
     def top1_of(body: bytes) -> int:
         return pb.ClassifyResponse.FromString(body).predictions[0].class_index

@@ -46,9 +46,14 @@ class LoadResult:
         return len(self.latencies_s)
 
     @property
+    def images(self) -> int:
+        """Images answered OK."""
+        return self.ok * self.images_per_request
+
+    @property
     def throughput(self) -> float:
         """Images per second answered OK."""
-        return self.ok * self.images_per_request / self.duration_s if self.duration_s > 0 else 0.0
+        return self.images / self.duration_s if self.duration_s > 0 else 0.0
 
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_s, q) * 1000) if self.ok else float("nan")
@@ -61,7 +66,7 @@ class LoadResult:
             **{f"p{q}_ms": round(self.percentile_ms(q), 3) for q in (50, 95, 99)},
             "max_ms": round(float(self.latencies_s.max() * 1000), 3) if self.ok else float("nan"),
             "errors": dict(self.errors), "accuracy": self.accuracy,
-            "client_cpu_s": round(self.client_cpu_s, 2), "images_per_request": self.images_per_request, **self.extra,
+            "client_cpu_s": round(self.client_cpu_s, 2), "images": self.images, **self.extra,
         }
 
 
@@ -178,7 +183,7 @@ async def _measure(label: str, mode: str, endpoint: Endpoint, warmup_s: float, d
     if window.error_examples:
         result.extra["error_examples"] = window.error_examples
     if server_cpu and result.ok:
-        result.extra["server_cpu_ms_per_image"] = round(server_cpu_s * 1000 / (result.ok * endpoint.images_per_request), 3)
+        result.extra["server_cpu_ms_per_image"] = round(server_cpu_s * 1000 / result.images, 3)
     reporter.done(result)
     return result
 

@@ -125,7 +125,7 @@ def markdown(results: dict) -> str:
                 f"| {scenario['key']} | {load} | {_fmt(run['throughput'])} | {_fmt(run['p50_ms'], 2)} | "
                 f"{_fmt(run['p95_ms'], 2)} | {_fmt(run['p99_ms'], 2)} | {_fmt(run['max_ms'], 2)} | {errors} | "
                 f"{_fmt(run.get('mean_batch'), 1)} | {_fmt(run.get('server_cpu_ms_per_image'), 2)} | "
-                f"{_fmt(run['client_cpu_s'] * 1000 / (run['ok'] * run.get('images_per_request', 1)) if run['ok'] else None, 2)} | "
+                f"{_fmt(run['client_cpu_s'] * 1000 / run.get('images', run['ok']) if run['ok'] else None, 2)} | "
                 f"{_fmt(run['accuracy'] * 100 if run['accuracy'] == run['accuracy'] else None, 0)}% |")
     lines += ["", "Rows: " + "; ".join(f"`{s['key']}`: {s['title']}" for s in results.get("scenarios", [])), ""]
     lines += ["## Batch sizes the server formed (classifier_batch_size, per run incl. warm-up)", "",

@@ -35,8 +35,7 @@ from serving.runtime import OnnxModel
 from serving.service import InferenceCore
 from serving.status import status_of
 from serving.v2 import tensors
-from serving import wire
-from serving.wire import CorruptMessage, parsed
+from serving.wire import CorruptMessage, parsed, register
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._ready = ready  # the server's readiness (gRPC health SERVING)
 
     def register(self, server: grpc.aio.Server) -> str:
-        wire.register(pb_grpc.add_GRPCInferenceServiceServicer_to_server, self, server, self.calls, PROTOCOL)
+        register(pb_grpc.add_GRPCInferenceServiceServicer_to_server, self, server, self.calls, PROTOCOL)
         return SERVICE_NAME
 
     async def _unary(self, method: str, context, handler: Callable[[CallRecord], Awaitable], request_id: str = ""):
