@@ -15,7 +15,10 @@ class Recipe:
     peak_learning_rate: float = 0.2
     warmup_fraction: float = 0.25
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    # Keras's SGD decays weights decoupled from the gradient (w -= lr * wd * w each step), so
+    # momentum does not amplify it. 5e-3 here matches the 5e-4 L2 of Page's PyTorch recipe,
+    # which momentum 0.9 amplifies tenfold; 5e-4 here left the net overfitting (train 96%, test 87.8%).
+    weight_decay: float = 5e-3
     label_smoothing: float = 0.1
     augment: bool = True  # random 32x32 crop of the 4-px reflect-padded image + horizontal flip
     validation_size: int = 5_000
