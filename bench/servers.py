@@ -64,6 +64,22 @@ class BatchSizes:
         return result
 
 
+@dataclass(frozen=True)
+class PhaseTimes:
+    """Seconds and counts of the server's own latency histograms: each request phase
+    (decode, queue_wait, inference, postprocess) and the whole handler ("handler")."""
+
+    seconds: dict[str, float]
+    counts: dict[str, float]
+
+    def minus(self, earlier: "PhaseTimes") -> "PhaseTimes":
+        return PhaseTimes({k: v - earlier.seconds.get(k, 0.0) for k, v in self.seconds.items()},
+                          {k: v - earlier.counts.get(k, 0.0) for k, v in self.counts.items()})
+
+    def mean_ms(self) -> dict[str, float]:
+        return {k: round(self.seconds[k] / n * 1000, 3) for k, n in self.counts.items() if n}
+
+
 class ManagedServer:
     name = "server"
 
@@ -153,11 +169,28 @@ class OurServer(ManagedServer):
             channel.close()
         return self
 
-    def batch_sizes(self, model: str = "") -> BatchSizes:
+    def _metric_families(self):
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        return text_string_to_metric_families(text)
+
+    def phase_times(self) -> PhaseTimes:
+        seconds: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        for family in self._metric_families():
+            if family.name not in ("classifier_phase_duration_seconds", "classifier_request_duration_seconds"):
+                continue
+            for sample in family.samples:
+                phase = sample.labels.get("phase", "handler")
+                if sample.name.endswith("_sum"):
+                    seconds[phase] = seconds.get(phase, 0.0) + sample.value
+                elif sample.name.endswith("_count"):
+                    counts[phase] = counts.get(phase, 0.0) + sample.value
+        return PhaseTimes(seconds, counts)
+
+    def batch_sizes(self, model: str = "") -> BatchSizes:
         buckets: dict[float, float] = {}
         total = count = 0.0
-        for family in text_string_to_metric_families(text):
+        for family in self._metric_families():
             if family.name != "classifier_batch_size":
                 continue
             for sample in family.samples:

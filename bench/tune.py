@@ -76,8 +76,10 @@ def server_variants(args: argparse.Namespace, images) -> list[dict]:
                         return await closed_loop(channel, endpoint, concurrency, args.seconds, 1.0,
                                                  label=f"{name} c={concurrency}", server_cpu=server.cpu_seconds)
 
+                before = server.phase_times()
                 result = asyncio.run(run())
-                rows.append({"variant": name, **result.summary()})
+                rows.append({"variant": name, **result.summary(),
+                             "server_ms": server.phase_times().minus(before).mean_ms()})
         finally:
             server.stop()
     return rows
@@ -146,11 +148,21 @@ def markdown(result: dict) -> str:
     if result["training_running"]:
         lines += ["**NOT VALID: a training run was using the CPU; differences below are indicative only.**", ""]
     lines += ["## Server flags (native, raw pixels, closed loop)", "",
-              "| variant | c | img/s | p50 ms | p99 ms | errors | server CPU ms/img |", "|---|---:|---:|---:|---:|---|---:|"]
+              "Server-side means come from the server's own histograms over the same window: the whole "
+              "handler, and within it the queue wait (the hand-off to the batcher thread included), "
+              "onnxruntime, decode + post-processing.", "",
+              "| variant | c | img/s | p50 ms | p99 ms | errors | server CPU ms/img "
+              "| handler ms | queue ms | inference ms | decode + post ms |",
+              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    nan = float("nan")
     for row in result["server"]:
         errors = ", ".join(f"{k} {v}" for k, v in row["errors"].items()) or "0"
+        phases = row.get("server_ms", {})
         lines.append(f"| {row['variant']} | {row['concurrency']} | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "
-                     f"{row['p99_ms']:.2f} | {errors} | {row.get('server_cpu_ms_per_image', float('nan')):.2f} |")
+                     f"{row['p99_ms']:.2f} | {errors} | {row.get('server_cpu_ms_per_image', nan):.2f} | "
+                     f"{phases.get('handler', nan):.3f} | {phases.get('queue_wait', nan):.3f} | "
+                     f"{phases.get('inference', nan):.3f} | "
+                     f"{phases.get('decode', nan) + phases.get('postprocess', nan):.3f} |")
     lines += ["", "## onnxruntime session options (in-process)", "",
               "| variant | batch 1 p50 ms | batch 1 img/s | batch 64 img/s |", "|---|---:|---:|---:|"]
     for row in result["session"]:
