@@ -24,7 +24,7 @@ import onnxruntime as ort
 from bench.endpoints import native_endpoint, png_bytes, cifar_test_images
 from bench.loadgen import closed_loop
 from bench.run import FP32_MODEL, MODEL_FILE, RESULTS, bench_repository, newest_version, training_running
-from bench.servers import OurServer
+from bench.servers import OurServer, PhaseTimes
 from serving import images as imaging
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 
@@ -43,6 +43,12 @@ VARIANTS: dict[str, list[str]] = {
                                                       "--intra-op-threads", "1"],
 }
 PATCHED_LAUNCHER = ["-m", "bench.patched_serving"]  # variants whose list holds "--": session entries before it
+# Not our server: the same model and batcher with no per-request bookkeeping (bench/bare_server.py).
+BARE_VARIANTS: dict[str, list[str]] = {
+    "bare grpc.aio server (no bookkeeping)": ["--mode", "aio"],
+    "bare thread-pool server (80 threads; no bookkeeping)": ["--mode", "sync"],
+}
+BARE_LAUNCHER = ["-m", "bench.bare_server"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,15 +61,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def phase_times(server: OurServer) -> PhaseTimes:
+    """The server's phase histograms; none for the bare servers, which have no metrics."""
+    if server.launcher == BARE_LAUNCHER:
+        return PhaseTimes({}, {})
+    return server.phase_times()
+
+
 def server_variants(args: argparse.Namespace, images) -> list[dict]:
-    wanted = [v.strip() for v in args.variants.split(",") if v.strip()] or list(VARIANTS)
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()] or [*VARIANTS, *BARE_VARIANTS]
     concurrencies = [int(c) for c in args.concurrencies.split(",")]
     endpoint = native_endpoint(images, "raw")
     rows = []
     for name in wanted:
         # The variant's flags come last, so a variant's --intra-op-threads wins over the default.
-        variant, launcher = VARIANTS[name], None
-        if "--" in variant:
+        variant, launcher = VARIANTS.get(name), None
+        if variant is None:
+            variant, launcher = BARE_VARIANTS[name], BARE_LAUNCHER
+        elif "--" in variant:
             split = variant.index("--")
             launcher, variant = [*PATCHED_LAUNCHER, *variant[:split + 1]], variant[split + 1:]
         flags = ["--intra-op-threads", str(args.threads), "--default-model", FP32_MODEL, *variant]
@@ -76,10 +91,10 @@ def server_variants(args: argparse.Namespace, images) -> list[dict]:
                         return await closed_loop(channel, endpoint, concurrency, args.seconds, 1.0,
                                                  label=f"{name} c={concurrency}", server_cpu=server.cpu_seconds)
 
-                before = server.phase_times()
+                before = phase_times(server)
                 result = asyncio.run(run())
                 rows.append({"variant": name, **result.summary(),
-                             "server_ms": server.phase_times().minus(before).mean_ms()})
+                             "server_ms": phase_times(server).minus(before).mean_ms()})
         finally:
             server.stop()
     return rows
