@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT, ServerProcess
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
+from training import augment
 from training import data as cifar
 
 TRAIN_LIMIT, EPOCHS = 1536, 2
@@ -107,6 +108,32 @@ def test_labels_out_of_range_are_a_clear_error(data_dir, tmp_path):
 
 
 # ---- training, export, quantization --------------------------------------------------------
+
+def test_crops_and_flips_are_seeded_crops_of_the_padded_image():
+    images = np.random.default_rng(0).integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
+    padded = augment.pad_for_crops(images)
+    first = augment.crop_and_flip(padded, np.random.default_rng(1))
+    again = augment.crop_and_flip(padded, np.random.default_rng(1))
+    assert first.shape == images.shape and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, again)
+    for crop, source in zip(first, padded):  # each output is a 32x32 window of its padded input, maybe mirrored
+        windows = {(y, x, flip) for y in range(9) for x in range(9) for flip in (False, True)
+                   if np.array_equal(crop[:, ::-1] if flip else crop, source[y:y + 32, x:x + 32])}
+        assert windows
+
+
+def test_cutout_fills_one_square_clipped_at_the_border_with_the_fill_colour():
+    fill = np.array([125, 123, 114], dtype=np.uint8)
+    x = np.zeros((200, 32, 32, 3), dtype=np.uint8)
+    out = augment.cut_out(x, 8, fill, np.random.default_rng(2))
+    filled = np.all(out == fill, axis=-1)
+    assert np.all(out[~filled] == 0)
+    sizes = filled.sum(axis=(1, 2))
+    assert sizes.max() == 64 and sizes.min() >= 16  # a whole 8x8 square, or a corner's 4x4 at least
+    for mask in filled:  # one solid rectangle per image
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        assert mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all() and mask.sum() == len(rows) * len(cols)
+
 
 def test_a_short_run_learns_above_chance_on_held_out_images(trained):
     state = json.loads((trained[0] / "state.json").read_text())

@@ -21,13 +21,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
+from training import augment as augment_ops  # noqa: E402
 from training import data as cifar  # noqa: E402
-from training.models import count_macs, resnet9, simple_cnn  # noqa: E402
+from training.models import CIFAR10_MEAN, count_macs, resnet9, simple_cnn  # noqa: E402
 from training.recipes import RECIPES, Recipe  # noqa: E402
 
 CHECKPOINT = "checkpoint.keras"  # the last finished epoch, optimizer included
 BEST = "best.keras"  # the best epoch by validation accuracy
 STATE = "state.json"
+MEAN_COLOUR = np.round(CIFAR10_MEAN).astype(np.uint8)  # cutout fill: zero once normalised
 
 
 @keras.saving.register_keras_serializable(package="cifar10")
@@ -51,15 +53,18 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 
 
 class AugmentedBatches(keras.utils.PyDataset):
-    """Shuffled batches with random crop (4-px reflect padding) and horizontal flip.
+    """Shuffled batches with random crop (4-px reflect padding), horizontal flip and, when the
+    recipe asks, cutout (training/augment.py).
 
     The permutation and the crops of epoch e come from seed+e, so a resumed run sees exactly
     the batches the interrupted run would have seen.
     """
 
-    def __init__(self, split: cifar.Split, batch_size: int, augment: bool, seed: int, epoch: int = 0):
+    def __init__(self, split: cifar.Split, batch_size: int, augment: bool, seed: int, epoch: int = 0,
+                 cutout: int = 0):
         super().__init__()
-        self.images = np.pad(split.images, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect") if augment else split.images
+        self.cutout = cutout if augment else 0
+        self.images = augment_ops.pad_for_crops(split.images) if augment else split.images
         self.onehot = keras.utils.to_categorical(split.labels, 10).astype("float32")
         self.batch_size, self.augment, self.seed = batch_size, augment, seed
         self.set_epoch(epoch)
@@ -77,12 +82,9 @@ class AugmentedBatches(keras.utils.PyDataset):
         x = self.images[idx]
         if self.augment:
             rng = np.random.default_rng((self.seed + self.epoch) * 100_003 + index)
-            dy, dx = rng.integers(0, 9, size=(2, len(idx)))
-            rows = dy[:, None] + np.arange(32)[None, :]
-            cols = dx[:, None] + np.arange(32)[None, :]
-            x = x[np.arange(len(idx))[:, None, None], rows[:, :, None], cols[:, None, :]]
-            flip = rng.random(len(idx)) < 0.5
-            x[flip] = x[flip, :, ::-1]
+            x = augment_ops.crop_and_flip(x, rng)
+            if self.cutout:
+                x = augment_ops.cut_out(x, self.cutout, MEAN_COLOUR, rng)
         return x, self.onehot[idx]
 
     def on_epoch_end(self) -> None:
@@ -157,11 +159,11 @@ def train(recipe: Recipe, data_dir: Path, run_dir: Path, resume: bool, limit: in
         train_split = train_split.take(slice(0, limit))
         val_split = val_split.take(slice(0, max(limit // 5, 100)))
     run_dir.mkdir(parents=True, exist_ok=True)
-    batches = AugmentedBatches(train_split, recipe.batch_size, recipe.augment, recipe.seed)
+    batches = AugmentedBatches(train_split, recipe.batch_size, recipe.augment, recipe.seed, cutout=recipe.cutout)
     state_path = run_dir / STATE
     if resume and (run_dir / CHECKPOINT).exists():
         state = json.loads(state_path.read_text())
-        if state["recipe"] != recipe.to_dict():
+        if Recipe(**state["recipe"]).to_dict() != recipe.to_dict():  # fields added later take their defaults
             raise SystemExit(f"--resume: {run_dir} holds a run of another recipe: {state['recipe']}")
         model = keras.saving.load_model(run_dir / CHECKPOINT)
         print(f"resuming {recipe.name} after epoch {state['epochs_done']}", flush=True)
