@@ -38,7 +38,8 @@ RECIPES: dict[str, Recipe] = {
     # The shipped default. Target >= 91%; measured 89.59% (val 90.2%, 91.35% on the bit-exact
     # test rows) in ~82 min on 2 CPU cores.
     "default": Recipe("default", "resnet9", width=32, epochs=24),
-    # Not trained yet: the candidate for the next default (the same network, so serving speed is
-    # unchanged), cutout against the train/test gap, a longer schedule; ~135 min at 202 s/epoch.
+    # Partly trained (training/checkpoints/long: 6 of 40 epochs): the candidate for the next
+    # default (the same network, so serving speed is unchanged), cutout against the train/test
+    # gap, a longer schedule; ~150 min at the ~222 s per epoch measured with cutout.
     "long": Recipe("long", "resnet9", width=32, epochs=40, cutout=8),
 }
