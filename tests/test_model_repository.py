@@ -227,15 +227,24 @@ def test_the_fp32_and_int8_variants_are_served_together(server):
 
 
 def test_load_unload_cycles_do_not_grow_memory(start_server, model_repo):
+    """A session kept alive after unload would cost at least its weights on every cycle.
+
+    RSS steps by 10-25 MB now and then as the allocator keeps or returns arenas, so the test fits
+    a line through 18 cycles (after the first ones have sized the allocator) and bounds its slope
+    at one model file per cycle. A session kept alive on purpose grows RSS by ~45 MB per cycle
+    (its weights, optimised graph and warmed arenas); allocator steps give slopes under 2 MB.
+    """
     srv = start_server(repository=model_repo, wait_ready=True)
     process = psutil.Process(srv.process.pid)
     rss = []
-    for cycle in range(6):
+    for cycle in range(20):
         publish(model_repo, "cycle", 1)
         srv.stub.ReloadModels(pb.ReloadModelsRequest(), timeout=30)
         assert classify(srv, model_name="cycle").model_name == "cycle"
         shutil.rmtree(model_repo / "cycle")
         srv.stub.ReloadModels(pb.ReloadModelsRequest(), timeout=30)
         rss.append(process.memory_info().rss)
-    growth = rss[-1] - rss[2]  # after the first cycles have sized the allocator and arenas
-    assert growth < 0.05 * rss[2], [r // 2**20 for r in rss]
+    settled = np.array(rss[2:], dtype=np.float64)
+    slope_per_cycle = np.polyfit(np.arange(settled.size), settled, 1)[0]
+    weights = (SOURCE / "model.onnx").stat().st_size
+    assert slope_per_cycle < weights, [r // 2**20 for r in rss]
