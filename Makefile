@@ -77,7 +77,7 @@ train-fast: $(STAMP)
 	$(PY) -m training.train --recipe fast --run-dir runs/fast $(ARGS)
 
 export: $(STAMP)
-	$(PY) -m training.export --run-dir $(RUN) --name $(NAME) --version $(VERSION)
+	$(PY) -m training.export --run-dir $(RUN) --name $(NAME) --version $(VERSION) $(ARGS)
 
 quantize: $(STAMP)
 	$(PY) -m training.quantize --source models/$(NAME)/$(VERSION) --name $(NAME)-int8 --version 1

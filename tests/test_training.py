@@ -173,6 +173,24 @@ def test_export_writes_a_verified_model_with_its_card_in_the_metadata(trained):
     assert (version_dir / "confusion_matrix.png").stat().st_size > 0
 
 
+def test_mirror_averaged_export_averages_each_image_with_its_mirror(trained, data_dir, test_slice):
+    run_dir, repo = trained
+    run_module("training.export", "--run-dir", str(run_dir), "--repository", str(repo), "--name", "simple-tta",
+               "--version", "1", "--data-dir", str(data_dir), "--mirror-average")
+    plain_dir, averaged_dir = repo / "simple" / "3", repo / "simple-tta" / "1"
+    plain, averaged = (ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+                       for d in (plain_dir, averaged_dir))
+    images = test_slice.images[:5]
+    (expected_left,), (expected_right,) = (plain.run(None, {"images": x}) for x in (images, images[:, :, ::-1].copy()))
+    (probs,) = averaged.run(None, {"images": images})
+    assert probs.shape == (5, 10)
+    assert np.allclose(probs, (expected_left + expected_right) / 2, atol=1e-6)
+    card, plain_card = (json.loads((d / "model_card.json").read_text()) for d in (averaged_dir, plain_dir))
+    assert "mirror" in card["test_time_augmentation"] and plain_card["test_time_augmentation"] == "none"
+    assert card["flops_per_image"] == 2 * plain_card["flops_per_image"]
+    assert card["parity"]["top1_mismatches"] == 0
+
+
 def test_exported_probabilities_sum_to_one(trained, test_slice):
     session = ort.InferenceSession(str(trained[1] / "simple" / "3" / "model.onnx"), providers=["CPUExecutionProvider"])
     (probs,) = session.run(None, {"images": test_slice.images[:8]})

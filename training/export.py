@@ -29,7 +29,7 @@ import keras  # noqa: E402
 
 from training import data as cifar  # noqa: E402
 from training.evaluate import accuracy_report, predict, write_report  # noqa: E402
-from training.models import INPUT_NAME, OUTPUT_NAME, PREPROCESSING, count_macs  # noqa: E402
+from training.models import INPUT_NAME, OUTPUT_NAME, PREPROCESSING, count_macs, with_mirror_averaging  # noqa: E402
 from training.train import BEST, STATE  # noqa: E402
 
 OPSET = 17
@@ -114,9 +114,15 @@ def publish(staging: Path, target: Path) -> None:
         os.replace(staging, target)
 
 
-def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: Path) -> dict:
+MIRROR_AVERAGING = "mirror averaging: probabilities averaged over each image and its left-right mirror image"
+
+
+def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: Path,
+           mirror_average: bool = False) -> dict:
     state = json.loads((run_dir / STATE).read_text())
-    model = keras.saving.load_model(run_dir / BEST, compile=False)
+    trained = keras.saving.load_model(run_dir / BEST, compile=False)
+    macs = count_macs(trained) * (2 if mirror_average else 1)
+    model = with_mirror_averaging(trained) if mirror_average else trained
     test = cifar.load_test(data_dir)
     onnx_model = to_onnx(model)
     repository.mkdir(parents=True, exist_ok=True)
@@ -127,7 +133,6 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
         parity = parity_check(model, session, test.images[:PARITY_IMAGES])
         report = accuracy_report(predict(session, test.images), test.labels)
         recipe = state["recipe"]
-        macs = count_macs(model)
         card = {
             "name": name, "version": version, "format": "onnx", "opset": OPSET,
             "architecture": model.name, "class_names": list(cifar.CLASS_NAMES),
@@ -136,6 +141,7 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, 10],
                        "meaning": "softmax probabilities, one per class_names entry"},
             "preprocessing": PREPROCESSING,
+            "test_time_augmentation": MIRROR_AVERAGING if mirror_average else "none",
             "test_accuracy": report["test_accuracy"],
             "per_class_accuracy": report["per_class_accuracy"],
             "validation_accuracy": round(state.get("best_val_accuracy", 0.0), 4),
@@ -153,7 +159,7 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
                 "machine": state.get("machine", f"{os.cpu_count()} CPU cores"),
             },
             "data_provenance": DATA_PROVENANCE,
-            "parameters": int(model.count_params()),
+            "parameters": int(trained.count_params()),
             "macs_per_image": macs, "flops_per_image": 2 * macs,
             "parity": parity,
             "source_commit": source_commit(),
@@ -192,10 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="cifar10")
     parser.add_argument("--version", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--mirror-average", action="store_true",
+                        help="put test-time augmentation in the graph: average the probabilities of each "
+                             "image and its mirror image (twice the compute per image)")
     args = parser.parse_args(argv)
     data_dir = cifar.data_dir_or_exit(args.data_dir, allow_download=True)
     try:
-        card = export(args.run_dir, args.repository, args.name, args.version, data_dir)
+        card = export(args.run_dir, args.repository, args.name, args.version, data_dir, args.mirror_average)
     except (cifar.DatasetError, ParityError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
