@@ -208,6 +208,10 @@ def test_int8_variant_is_loadable_accurate_and_served_under_its_own_name(trained
     card = json.loads((trained[1] / "simple-int8" / "1" / "model_card.json").read_text())
     assert card["quantization"]["accuracy_drop_points"] < 3
     assert "QDQ" in card["quantization"]["method"]
+    metadata = ort.InferenceSession(str(trained[1] / "simple-int8" / "1" / "model.onnx"),
+                                    providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert json.loads(metadata["test_accuracy"]) == card["test_accuracy"]  # the int8 figures, not fp32's
+    assert json.loads(metadata["quantization"]) == card["quantization"] and "sha256" not in metadata
     server = ServerProcess("--default-model", "simple", repository=trained[1])
     try:
         pixels = np.zeros((32, 32, 3), np.uint8)

@@ -28,6 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from training import data as cifar  # noqa: E402
+from training.card import set_metadata  # noqa: E402
 from training.evaluate import accuracy_report, predict, write_report  # noqa: E402
 from training.models import INPUT_NAME, OUTPUT_NAME, PREPROCESSING, count_macs, with_mirror_averaging  # noqa: E402
 from training.train import BEST, STATE  # noqa: E402
@@ -91,14 +92,6 @@ def versions() -> dict:
 
     return {"keras": keras.__version__, "tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def set_metadata(onnx_model, card: dict) -> None:
-    """The card, key by key, in metadata_props (values that aren't strings as JSON)."""
-    del onnx_model.metadata_props[:]
-    for key, value in card.items():
-        entry = onnx_model.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
 
 
 def publish(staging: Path, target: Path) -> None:
