@@ -108,14 +108,20 @@ def newest_version(model: str) -> Path:
     return versions[-1][1] if versions else MODELS / model / "1"
 
 
+_COPIED_THIS_RUN: set[Path] = set()
+
+
 def bench_repository(work: Path, model: str) -> Path:
     """A repository holding a copy of just `model`, so RSS counts one model.
 
-    A copy, not a link: the server refuses versions that point outside its repository.
+    A copy, not a link: the server refuses versions that point outside its repository. Made
+    afresh by each run, so a model re-exported since the last run is the one measured.
     """
     repository = work / f"repository-{model}"
-    if not (repository / model).exists():
+    if repository not in _COPIED_THIS_RUN:
+        shutil.rmtree(repository, ignore_errors=True)
         shutil.copytree(MODELS / model, repository / model)
+        _COPIED_THIS_RUN.add(repository)
     return repository
 
 
