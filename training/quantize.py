@@ -75,7 +75,7 @@ def quantize(source: Path, repository: Path, name: str, version: int, data_dir: 
         report = accuracy_report(predict(session, test.images), test.labels)
         batch = test.images[:64]
         fp32_speed = images_per_second(source / "model.onnx", batch, threads)
-        int8_speed = images_per_second(staging / "model.onnx", batch, threads)
+        int8_speed = images_per_second(quantized, batch, threads)
         card = {
             **{k: v for k, v in fp32_card.items() if k not in ("parity", "sha256")},
             "name": name, "version": version,
