@@ -154,8 +154,17 @@ class PrometheusProcess(LoggedProcess):
         try:
             with urllib.request.urlopen(url, timeout=10) as reply:
                 return json.loads(reply.read())
-        except urllib.error.HTTPError as exc:  # 400/422 carry PromQL errors as JSON
-            return json.loads(exc.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code in (400, 422):  # PromQL errors come back as JSON
+                return json.loads(exc.read())
+            raise
+
+    def wait_ready(self) -> None:
+        """Until /-/ready answers 200: before that the query API answers 503 (storage not open yet)."""
+        def ready() -> bool:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=10) as reply:
+                return reply.status == 200
+        self.wait_until("ready", ready)
 
     def query(self, expr: str) -> dict:
         return self.get("/api/v1/query", query=expr)
@@ -207,6 +216,7 @@ def prometheus(tmp_path_factory, test_slice):
     server = ServerProcess(repository=repository_with_broken_model(workdir))
     prom = PrometheusProcess(workdir, f"127.0.0.1:{server.metrics_port}")
     try:
+        prom.wait_ready()
         prom.wait_until("first scrape", lambda: prom.scrapes() >= 1)
         for _ in range(2):
             drive_known_traffic(server, test_slice.images)
