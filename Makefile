@@ -9,7 +9,7 @@ PROTO_OUT := serving/proto
 PROTO_STAMP := $(PROTO_OUT)/.generated
 EXTRAS ?= serving,training,dev
 
-.PHONY: install proto serve test clean lock compose-up compose-down train train-fast export quantize evaluate
+.PHONY: install proto serve test clean lock compose-up compose-down train train-fast average export quantize evaluate
 
 install: $(STAMP)
 
@@ -75,6 +75,11 @@ train: $(STAMP)
 
 train-fast: $(STAMP)
 	$(PY) -m training.train --recipe fast --run-dir runs/fast $(ARGS)
+
+# Stochastic weight averaging on top of a finished run (training/average.py): ~40 min here.
+PARENT ?= runs/long
+average: $(STAMP)
+	$(PY) -m training.average --parent $(PARENT) --run-dir $(PARENT)-swa $(ARGS)
 
 export: $(STAMP)
 	$(PY) -m training.export --run-dir $(RUN) --name $(NAME) --version $(VERSION) $(ARGS)

@@ -20,11 +20,14 @@ from training import data as cifar
 TRAIN_LIMIT, EPOCHS = 1536, 2
 
 
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=600)
+def run_python(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return run_python("-m", module, *args)
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +192,92 @@ def test_mirror_averaged_export_averages_each_image_with_its_mirror(trained, dat
     assert "mirror" in card["test_time_augmentation"] and plain_card["test_time_augmentation"] == "none"
     assert card["flops_per_image"] == 2 * plain_card["flops_per_image"]
     assert card["parity"]["top1_mismatches"] == 0
+
+
+def trainable_weight_sums(*model_paths) -> list[float]:
+    """Sum of |w| over each saved Keras model's trainable weights (in a child: no TensorFlow here)."""
+    script = ("import sys, numpy as np, keras\n"
+              "for path in sys.argv[1:]:\n"
+              "    model = keras.saving.load_model(path, compile=False)\n"
+              "    print(sum(float(np.abs(np.asarray(w)).sum()) for w in model.trainable_weights))")
+    return [float(line) for line in run_python("-c", script, *map(str, model_paths)).stdout.split()]
+
+
+def test_gated_mirror_export_mirrors_only_the_images_the_model_is_unsure_of(trained, data_dir, test_slice):
+    run_dir, repo = trained
+    plain_dir = repo / "simple" / "3"
+    plain = ort.InferenceSession(str(plain_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = test_slice.images[:16]
+    (left,), (right,) = (plain.run(None, {"images": x}) for x in (images, images[:, :, ::-1].copy()))
+    below = float(np.median(left.max(axis=1)))  # half the images on each side of the gate
+    run_module("training.export", "--run-dir", str(run_dir), "--repository", str(repo), "--name", "simple-gated",
+               "--version", "1", "--data-dir", str(data_dir), "--mirror-average", "--average-below", str(below))
+    gated_dir = repo / "simple-gated" / "1"
+    gated = ort.InferenceSession(str(gated_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    unsure = left.max(axis=1) < below
+    assert 0 < unsure.sum() < len(images)
+    (probs,) = gated.run(None, {"images": images})
+    assert np.allclose(probs[unsure], (left[unsure] + right[unsure]) / 2, atol=1e-6)
+    assert np.allclose(probs[~unsure], left[~unsure], atol=1e-6)
+    for subset in (images[~unsure][:1], images[unsure][:1], images[:0]):  # no image mirrored, one, an empty batch
+        assert gated.run(None, {"images": subset})[0].shape == (len(subset), 10)
+    card, plain_card = (json.loads((d / "model_card.json").read_text()) for d in (gated_dir, plain_dir))
+    assert f"below {below}" in card["test_time_augmentation"] and 0 < card["averaged_fraction"] < 1
+    assert plain_card["flops_per_image"] < card["flops_per_image"] < 2 * plain_card["flops_per_image"]
+    assert card["parity"]["top1_mismatches"] == 0
+
+
+def test_ensemble_export_averages_the_networks(trained, data_dir, test_slice, tmp_path):
+    run_dir, repo = trained
+    partner = tmp_path / "partner"
+    run_module("training.train", "--recipe", "simple", "--epochs", "1", "--limit", "512", "--run-dir", str(partner),
+               "--data-dir", str(data_dir))
+    for source, name, extra in ((partner, "partner", ()), (run_dir, "simple-ensemble", ("--ensemble-with", str(partner)))):
+        run_module("training.export", "--run-dir", str(source), "--repository", str(repo), "--name", name,
+                   "--version", "1", "--data-dir", str(data_dir), *extra)
+    dirs = {name: repo / name / version for name, version in
+            (("simple", "3"), ("partner", "1"), ("simple-ensemble", "1"))}
+    sessions = {name: ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+                for name, d in dirs.items()}
+    images = test_slice.images[:8]
+    probs = {name: session.run(None, {"images": images})[0] for name, session in sessions.items()}
+    assert np.allclose(probs["simple-ensemble"], (probs["simple"] + probs["partner"]) / 2, atol=1e-6)
+    cards = {name: json.loads((d / "model_card.json").read_text()) for name, d in dirs.items()}
+    assert cards["simple-ensemble"]["parameters"] == cards["simple"]["parameters"] + cards["partner"]["parameters"]
+    assert cards["simple-ensemble"]["ensemble"][0]["run"] == "partner"
+    assert cards["simple-ensemble"]["flops_per_image"] == 2 * cards["simple"]["flops_per_image"]
+
+
+def test_averaging_below_a_confidence_with_nothing_to_average_is_refused(trained, data_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "training.export", "--run-dir", str(trained[0]), "--repository", str(tmp_path),
+         "--data-dir", str(data_dir), "--average-below", "0.7"], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 1 and "nothing to average" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_weight_averaging_continues_a_run_and_exports_the_average(trained, data_dir, tmp_path):
+    parent, repo = trained
+    run_dir = tmp_path / "averaged"
+    args = ("--parent", str(parent), "--run-dir", str(run_dir), "--cycles", "2", "--cycle-epochs", "1",
+            "--limit", str(TRAIN_LIMIT), "--data-dir", str(data_dir))
+    run_module("training.average", *args)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["averaged"] == 2 and state["epochs_done"] == 2
+    assert all(0.1 < entry["averaged_val_accuracy"] <= 1 for entry in state["history"])
+    stored = np.load(run_dir / "average.npz")
+    averaged_sum, last_sum = trainable_weight_sums(run_dir / "best.keras", run_dir / "checkpoint.keras")
+    assert averaged_sum == pytest.approx(sum(float(np.abs(stored[k]).sum()) for k in stored.files), rel=1e-5)
+    assert averaged_sum != pytest.approx(last_sum, rel=1e-6)  # the average, not the last cycle's weights
+    resumed = run_module("training.average", *args, "--resume")
+    assert "resuming weight averaging after epoch 2" in resumed.stdout
+    assert json.loads((run_dir / "state.json").read_text())["history"] == state["history"]
+    run_module("training.export", "--run-dir", str(run_dir), "--repository", str(repo), "--name", "simple-swa",
+               "--version", "1", "--data-dir", str(data_dir))
+    training = json.loads((repo / "simple-swa" / "1" / "model_card.json").read_text())["training"]
+    assert training["epochs"] == EPOCHS + 2 and len(training["epoch_seconds"]) == EPOCHS + 2
+    assert training["weight_averaging"]["cycles"] == 2
 
 
 def test_exported_probabilities_sum_to_one(trained, test_slice):

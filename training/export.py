@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ import keras  # noqa: E402
 from training import data as cifar  # noqa: E402
 from training.card import set_metadata  # noqa: E402
 from training.evaluate import accuracy_report, predict, write_report  # noqa: E402
-from training.models import INPUT_NAME, OUTPUT_NAME, PREPROCESSING, count_macs, with_mirror_averaging  # noqa: E402
+from training.models import INPUT_NAME, OUTPUT_NAME, PREPROCESSING, count_macs, with_test_time_averaging  # noqa: E402
 from training.train import BEST, STATE  # noqa: E402
 
 OPSET = 17
@@ -107,15 +108,41 @@ def publish(staging: Path, target: Path) -> None:
         os.replace(staging, target)
 
 
-MIRROR_AVERAGING = "mirror averaging: probabilities averaged over each image and its left-right mirror image"
+@dataclass(frozen=True)
+class TestTimeAveraging:
+    """What goes into the graph besides the trained network (models.TestTimeAverage)."""
+
+    mirror: bool = False  # also the mirror image of each image
+    partners: tuple[Path, ...] = ()  # run directories of more networks (an ensemble)
+    below: float | None = None  # only for images on which the trained network's top probability is below
+
+    def __post_init__(self):
+        if self.below is not None and not (self.mirror or self.partners):
+            raise ValueError("--average-below needs --mirror-average or --ensemble-with: there is nothing to average")
+
+    @property
+    def active(self) -> bool:
+        return self.mirror or bool(self.partners)
+
+    def describe(self) -> str:
+        if not self.active:
+            return "none"
+        views = ["the image"] + (["its left-right mirror image"] if self.mirror else [])
+        text = f"probabilities averaged over {' and '.join(views)}"
+        if self.partners:
+            text += f", by this network and {len(self.partners)} more (an ensemble: {', '.join(p.name for p in self.partners)})"
+        if self.below is not None:
+            text += f"; only for the images on which this network alone has a top probability below {self.below}"
+        return text
 
 
 def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: Path,
-           mirror_average: bool = False) -> dict:
+           averaging: TestTimeAveraging = TestTimeAveraging()) -> dict:
     state = json.loads((run_dir / STATE).read_text())
     trained = keras.saving.load_model(run_dir / BEST, compile=False)
-    macs = count_macs(trained) * (2 if mirror_average else 1)
-    model = with_mirror_averaging(trained) if mirror_average else trained
+    partners = tuple(keras.saving.load_model(partner / BEST, compile=False) for partner in averaging.partners)
+    model = with_test_time_averaging(trained, partners, averaging.mirror, averaging.below) \
+        if averaging.active else trained
     test = cifar.load_test(data_dir)
     onnx_model = to_onnx(model)
     repository.mkdir(parents=True, exist_ok=True)
@@ -125,7 +152,18 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
         session = ort_session_from_proto(onnx_model)
         parity = parity_check(model, session, test.images[:PARITY_IMAGES])
         report = accuracy_report(predict(session, test.images), test.labels)
+        # The share of images that get the extra views: all, none, or (gated) those the trained
+        # network alone is unsure of, counted on the test set; MACs follow.
+        extra_fraction = float(averaging.active) if averaging.below is None else float(
+            (predict(ort_session_from_proto(to_onnx(trained)), test.images).max(axis=1) < averaging.below).mean())
+        views = 2 if averaging.mirror else 1
+        extra_macs = count_macs(trained) * (views - 1) + sum(count_macs(p) * views for p in partners)
+        macs = round(count_macs(trained) + extra_fraction * extra_macs)
         recipe = state["recipe"]
+        # A weight-averaging run (training/average.py) continues a parent run: count both.
+        weight_averaging = state.get("weight_averaging", {})
+        history = state.get("parent_history", []) + state.get("history", [])
+        train_seconds = state["train_seconds"] + state.get("parent_train_seconds", 0.0)
         card = {
             "name": name, "version": version, "format": "onnx", "opset": OPSET,
             "architecture": model.name, "class_names": list(cifar.CLASS_NAMES),
@@ -134,26 +172,30 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, 10],
                        "meaning": "softmax probabilities, one per class_names entry"},
             "preprocessing": PREPROCESSING,
-            "test_time_augmentation": MIRROR_AVERAGING if mirror_average else "none",
+            "test_time_augmentation": averaging.describe(),
+            "averaged_fraction": round(extra_fraction, 4),
+            "ensemble": [partner_summary(path) for path in averaging.partners],
             "test_accuracy": report["test_accuracy"],
             "per_class_accuracy": report["per_class_accuracy"],
             "validation_accuracy": round(state.get("best_val_accuracy", 0.0), 4),
             "training": {
-                "recipe": recipe, "backend": state["backend"], "epochs": state["epochs_done"],
+                "recipe": recipe, "backend": state["backend"],
+                "epochs": state["epochs_done"] + weight_averaging.get("parent_epochs", 0),
                 "best_epoch": state.get("best_epoch"),
-                "train_seconds": round(state["train_seconds"], 1),
-                "train_minutes": round(state["train_seconds"] / 60, 1),
+                "weight_averaging": weight_averaging or "none",
+                "train_seconds": round(train_seconds, 1),
+                "train_minutes": round(train_seconds / 60, 1),
                 "images_per_second": state.get("images_per_second"),
                 # Wall time per epoch: an epoch that shared the cores (or was paused) shows up here,
                 # and the median says what an undisturbed epoch takes.
-                "epoch_seconds": [entry["seconds"] for entry in state.get("history", [])],
-                "median_epoch_seconds": median_epoch_seconds(state),
+                "epoch_seconds": [entry["seconds"] for entry in history],
+                "median_epoch_seconds": median_epoch_seconds(history),
                 "train_images": state["train_images"], "validation_images": state["validation_images"],
                 "machine": state.get("machine", f"{os.cpu_count()} CPU cores"),
             },
             "data_provenance": DATA_PROVENANCE,
-            "parameters": int(trained.count_params()),
-            "macs_per_image": macs, "flops_per_image": 2 * macs,
+            "parameters": int(trained.count_params()) + sum(int(p.count_params()) for p in partners),
+            "macs_per_image": macs, "flops_per_image": 2 * macs,  # averaged over the test set when gated
             "parity": parity,
             "source_commit": source_commit(),
             "exported_with": versions(),
@@ -173,8 +215,14 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
     return card
 
 
-def median_epoch_seconds(state: dict) -> float | None:
-    seconds = sorted(entry["seconds"] for entry in state.get("history", []))
+def partner_summary(run_dir: Path) -> dict:
+    state = json.loads((run_dir / STATE).read_text())
+    return {"run": run_dir.name, "recipe": state["recipe"]["name"],
+            "validation_accuracy": round(state.get("best_val_accuracy", 0.0), 4)}
+
+
+def median_epoch_seconds(history: list[dict]) -> float | None:
+    seconds = sorted(entry["seconds"] for entry in history)
     return seconds[len(seconds) // 2] if seconds else None
 
 
@@ -194,11 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirror-average", action="store_true",
                         help="put test-time augmentation in the graph: average the probabilities of each "
                              "image and its mirror image (twice the compute per image)")
+    parser.add_argument("--ensemble-with", type=Path, action="append", default=[], metavar="RUN_DIR",
+                        help="average in the probabilities of another run's network (repeatable)")
+    parser.add_argument("--average-below", type=float, default=None, metavar="P",
+                        help="the mirror / ensemble views only for the images on which the network alone has "
+                             "a top probability below P (choose P on the validation split)")
     args = parser.parse_args(argv)
     data_dir = cifar.data_dir_or_exit(args.data_dir, allow_download=True)
     try:
-        card = export(args.run_dir, args.repository, args.name, args.version, data_dir, args.mirror_average)
-    except (cifar.DatasetError, ParityError) as exc:
+        averaging = TestTimeAveraging(args.mirror_average, tuple(args.ensemble_with), args.average_below)
+        card = export(args.run_dir, args.repository, args.name, args.version, data_dir, averaging)
+    except (cifar.DatasetError, ParityError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({k: card[k] for k in ("name", "version", "test_accuracy", "parity", "sha256")}, indent=2))

@@ -77,28 +77,56 @@ def resnet9(width: int = 32) -> keras.Model:
     return keras.Model(inputs, outputs, name=f"resnet9_w{width}")
 
 
-class MirrorAverage(layers.Layer):
-    """Test-time augmentation: the wrapped model's probabilities averaged over each image and
-    its left-right mirror image (the flip the model was trained with).
+class TestTimeAverage(layers.Layer):
+    """Probabilities averaged over several views of each image: `model` on the image and, with
+    `mirror`, on its left-right mirror image (the flip the networks were trained with); each of
+    `partners` (an ensemble) on the image and, with `mirror`, its mirror image too.
 
-    Both halves go through the model as one batch of 2N, so onnxruntime runs one larger batch
-    instead of two calls; the cost is twice the compute per image.
+    Without `below`, every image gets every view; a network's two views go through it as one
+    batch of 2N, so onnxruntime runs one larger batch instead of two. With `below`, only the
+    images on which `model` alone has a top probability below it get the other views (gathered
+    into one smaller batch and scattered back): a confident prediction rarely changes, so most of
+    the accuracy comes at a fraction of the cost. The graph then has dynamic shapes (NonZero,
+    Gather, ScatterND): export it from the TensorFlow backend.
     """
 
-    def __init__(self, model: keras.Model, **kwargs):
+    def __init__(self, model: keras.Model, partners: tuple[keras.Model, ...] = (), mirror: bool = True,
+                 below: float | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.model = model
+        self.model, self.partners, self.mirror, self.below = model, tuple(partners), mirror, below
+
+    def _views_of(self, network: keras.Model, images) -> list:
+        if not self.mirror:
+            return [network(images)]
+        both = network(ops.concatenate([images, ops.flip(images, axis=2)], axis=0))
+        return list(ops.split(both, 2, axis=0))
+
+    def _other_views(self, images) -> list:
+        """Every view but `model` on the plain image: what the gate adds for unsure images."""
+        views = [self.model(ops.flip(images, axis=2))] if self.mirror else []
+        for partner in self.partners:
+            views += self._views_of(partner, images)
+        return views
 
     def call(self, images):
-        both = ops.concatenate([images, ops.flip(images, axis=2)], axis=0)
-        plain, mirrored = ops.split(self.model(both), 2, axis=0)
-        return (plain + mirrored) * 0.5
+        if self.below is None:
+            views = self._views_of(self.model, images)
+            for partner in self.partners:
+                views += self._views_of(partner, images)
+            return sum(views[1:], views[0]) / len(views)
+        plain = self.model(images)
+        unsure = ops.nonzero(ops.max(plain, axis=1) < self.below)[0]
+        views = [ops.take(plain, unsure, axis=0), *self._other_views(ops.take(images, unsure, axis=0))]
+        averaged = sum(views[1:], views[0]) / len(views)
+        return ops.scatter_update(plain, ops.expand_dims(unsure, axis=1), averaged)
 
 
-def with_mirror_averaging(model: keras.Model) -> keras.Model:
+def with_test_time_averaging(model: keras.Model, partners: tuple[keras.Model, ...] = (), mirror: bool = True,
+                             below: float | None = None) -> keras.Model:
     inputs = keras.Input(shape=(32, 32, 3), dtype="uint8", name=INPUT_NAME)
-    outputs = MirrorAverage(model, dtype="float32", name=OUTPUT_NAME)(inputs)
-    return keras.Model(inputs, outputs, name=f"{model.name}_mirror_averaged")
+    outputs = TestTimeAverage(model, partners, mirror, below, dtype="float32", name=OUTPUT_NAME)(inputs)
+    suffix = "_ensemble" if partners else "_mirror_averaged"
+    return keras.Model(inputs, outputs, name=f"{model.name}{suffix}")
 
 
 def count_macs(model: keras.Model) -> int:
