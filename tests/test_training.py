@@ -315,6 +315,9 @@ def test_int8_variant_is_loadable_accurate_and_served_under_its_own_name(trained
                                     providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
     assert json.loads(metadata["test_accuracy"]) == card["test_accuracy"]  # the int8 figures, not fp32's
     assert json.loads(metadata["quantization"]) == card["quantization"] and "sha256" not in metadata
+    fp32_card = json.loads((trained[1] / "simple" / "3" / "model_card.json").read_text())
+    assert "averaged_fraction" in fp32_card and "averaged_fraction" not in card  # the fp32 graph's gate statistic
+    assert 0 < card["validation_accuracy"] <= 1  # measured on the int8 file itself
     server = ServerProcess("--default-model", "simple", repository=trained[1])
     try:
         pixels = np.zeros((32, 32, 3), np.uint8)

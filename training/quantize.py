@@ -73,13 +73,18 @@ def quantize(source: Path, repository: Path, name: str, version: int, data_dir: 
         quantized = staging / "model.onnx"
         session = ort_session(quantized)
         report = accuracy_report(predict(session, test.images), test.labels)
+        recipe = fp32_card["training"]["recipe"]
+        _, validation = cifar.train_validation_split(train, recipe["validation_size"], recipe["seed"])
+        validation_accuracy = float((predict(session, validation.images).argmax(axis=1) == validation.labels).mean())
         batch = test.images[:64]
         fp32_speed = images_per_second(source / "model.onnx", batch, threads)
         int8_speed = images_per_second(quantized, batch, threads)
         card = {
-            **{k: v for k, v in fp32_card.items() if k not in ("parity", "sha256")},
+            # The fp32 graph's parity, file hash and gate statistics do not describe this file.
+            **{k: v for k, v in fp32_card.items() if k not in ("parity", "sha256", "averaged_fraction")},
             "name": name, "version": version,
             "test_accuracy": report["test_accuracy"],
+            "validation_accuracy": round(validation_accuracy, 4),
             "per_class_accuracy": report["per_class_accuracy"],
             "quantization": {
                 "method": "onnxruntime quantize_static, QDQ, U8S8 (uint8 activations, int8 per-channel weights), reduce_range",
