@@ -129,7 +129,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.plan = PLANS[args.mode]
-        self.out = args.out or RESULTS / args.mode
+        self.out = (args.out or RESULTS / args.mode).resolve()  # servers run with other cwds
         self.work = self.out / "raw"
         self.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
         self.images = cifar_test_images(args.images)
@@ -324,7 +324,7 @@ class Bench:
         ]
         self.results["targets"] = report.targets(self.results)
         written = report.write(self.results, self.out)
-        print(f"wrote {', '.join(str(p.relative_to(REPO_ROOT)) for p in written)} in {self.results['elapsed_s']:.0f} s")
+        print(f"wrote {', '.join(os.path.relpath(p, REPO_ROOT) for p in written)} in {self.results['elapsed_s']:.0f} s")
         return 0
 
 

@@ -105,6 +105,7 @@ class ManagedServer:
                 self.startup_s = time.perf_counter() - started
                 return
             time.sleep(READY_POLL_S)
+        self.stop()  # no orphan left serving (or holding ports) after a failed start
         raise RuntimeError(f"{self.name} not ready after {READY_TIMEOUT_S}s; see {self.log_path}")
 
     def _tree(self) -> list[psutil.Process]:
@@ -232,7 +233,9 @@ class MLServerPeer(ManagedServer):
                            "extra": {"intra_op_threads": intra_op_threads}},
         }
         self.parallel_workers = parallel_workers
-        self.work_dir = work_dir
+        # Absolute: MLServer runs with this as its cwd, so a relative repository path (from a
+        # relative --out) would point nowhere and it would start with no model, never ready.
+        self.work_dir = work_dir.resolve()
 
     def start(self) -> "MLServerPeer":
         executable = MLSERVER_VENV / "bin" / "mlserver"

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+from pathlib import Path
 
 import grpc
 import pytest
@@ -117,7 +119,8 @@ def test_targets_report_a_server_below_the_limit_share_as_missed():
 
 @pytest.mark.skipif(not (MLSERVER_VENV / "bin" / "mlserver").exists(), reason="make bench-venvs installs the peer")
 def test_mlserver_peer_serves_the_same_model_through_v2(tmp_path, images):
-    peer = MLServerPeer(tmp_path / "mlserver.log", REPO_ROOT / "models" / FP32_MODEL / "1", tmp_path).start()
+    relative_work_dir = Path(os.path.relpath(tmp_path))  # as `--out` gives it; MLServer runs with another cwd
+    peer = MLServerPeer(tmp_path / "mlserver.log", REPO_ROOT / "models" / FP32_MODEL / "1", relative_work_dir).start()
     try:
         assert 0 < peer.startup_s < 60
         with grpc.insecure_channel(peer.target) as channel:
