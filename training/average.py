@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import keras  # noqa: E402
 
 from training import data as cifar  # noqa: E402
 from training.recipes import Recipe  # noqa: E402
-from training.train import BEST, CHECKPOINT, STATE, AugmentedBatches, write_json  # noqa: E402
+from training.train import BEST, CHECKPOINT, STATE, AugmentedBatches, EpochState, write_json  # noqa: E402
 
 AVERAGE = "average.npz"  # the running average of the trainable weights and how many it holds
 # Training images that re-estimate batch-norm statistics, augmented as in training: on the
@@ -81,46 +80,33 @@ def accuracy(model: keras.Model, split: cifar.Split) -> float:
     return float((probabilities.argmax(axis=1) == split.labels).mean())
 
 
-class Averaging(keras.callbacks.Callback):
-    """After each epoch: fold the weights into the average at a cycle's end, then checkpoint
-    model, optimizer, average and state.json; at a cycle's end also report the averaged
-    network's validation accuracy."""
+class Averaging(EpochState):
+    """Epoch ends as in training (checkpoint, state.json), except that there is no best-epoch
+    copy: at a cycle's end the weights are folded into the average (saved with the checkpoint)
+    and the averaged network's validation accuracy is reported."""
 
     def __init__(self, run_dir: Path, state: dict, cycle_epochs: int, average: list[np.ndarray] | None,
                  bn_images: np.ndarray, val_split: cifar.Split, batch_size: int):
-        super().__init__()
-        self.run_dir, self.state, self.cycle_epochs = run_dir, state, cycle_epochs
+        super().__init__(run_dir, state)
+        self.cycle_epochs = cycle_epochs
         self.average, self.bn_images, self.val_split, self.batch_size = average, bn_images, val_split, batch_size
-        self.epoch_started = 0.0
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_started = time.perf_counter()
+    def epoch_finished(self, entry: dict) -> None:
+        if entry["epoch"] % self.cycle_epochs:
+            return
+        weights = [np.asarray(w) for w in self.model.trainable_weights]
+        count = self.state["averaged"]
+        self.average = weights if self.average is None else [
+            a + (w - a) / (count + 1) for a, w in zip(self.average, weights)]
+        self.state["averaged"] = count + 1
+        entry["averaged_val_accuracy"] = accuracy(
+            averaged_network(self.model, self.average, self.bn_images, self.batch_size), self.val_split)
+        np.savez(self.run_dir / (AVERAGE + ".tmp.npz"), *self.average)
+        os.replace(self.run_dir / (AVERAGE + ".tmp.npz"), self.run_dir / AVERAGE)
 
-    def on_epoch_end(self, epoch, logs=None):
-        seconds = time.perf_counter() - self.epoch_started
-        logs = {k: float(v) for k, v in (logs or {}).items()}
-        entry = {"epoch": epoch + 1, "seconds": round(seconds, 1), **logs}
-        if (epoch + 1) % self.cycle_epochs == 0:
-            weights = [np.asarray(w) for w in self.model.trainable_weights]
-            count = self.state["averaged"]
-            self.average = weights if self.average is None else [
-                a + (w - a) / (count + 1) for a, w in zip(self.average, weights)]
-            self.state["averaged"] = count + 1
-            entry["averaged_val_accuracy"] = self.averaged_accuracy()
-            np.savez(self.run_dir / (AVERAGE + ".tmp.npz"), *self.average)
-            os.replace(self.run_dir / (AVERAGE + ".tmp.npz"), self.run_dir / AVERAGE)
-        self.state["history"].append(entry)
-        self.state["train_seconds"] += seconds
-        self.state["epochs_done"] = epoch + 1
-        self.model.save(self.run_dir / (CHECKPOINT + ".tmp.keras"))
-        os.replace(self.run_dir / (CHECKPOINT + ".tmp.keras"), self.run_dir / CHECKPOINT)
-        write_json(self.run_dir / STATE, self.state)
-        print(f"epoch {epoch + 1}: {seconds:.0f}s, loss {logs.get('loss', 0):.4f}, val_accuracy "
-              f"{logs.get('val_accuracy', 0):.4f}, averaged {self.state['averaged']}: "
-              f"{entry.get('averaged_val_accuracy', float('nan')):.4f}", flush=True)
-
-    def averaged_accuracy(self) -> float:
-        return accuracy(averaged_network(self.model, self.average, self.bn_images, self.batch_size), self.val_split)
+    def progress_line(self, entry: dict, seconds: float) -> str:
+        return (f"{super().progress_line(entry, seconds)}, averaged {self.state['averaged']}: "
+                f"{entry.get('averaged_val_accuracy', float('nan')):.4f}")
 
 
 def averaged_network(model: keras.Model, average: list[np.ndarray], bn_images: np.ndarray,

@@ -92,7 +92,10 @@ class AugmentedBatches(keras.utils.PyDataset):
 
 
 class EpochState(keras.callbacks.Callback):
-    """After each epoch: checkpoint (optimizer included), best-by-validation copy, state.json."""
+    """After each epoch: checkpoint (optimizer included), best-by-validation copy, state.json.
+
+    Subclasses change what an epoch's end adds (`epoch_finished`) and its progress line.
+    """
 
     def __init__(self, run_dir: Path, state: dict):
         super().__init__()
@@ -105,18 +108,25 @@ class EpochState(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self.epoch_started
         logs = {k: float(v) for k, v in (logs or {}).items()}
-        self.state["history"].append({"epoch": epoch + 1, "seconds": round(seconds, 1), **logs})
+        entry = {"epoch": epoch + 1, "seconds": round(seconds, 1), **logs}
+        self.epoch_finished(entry)
+        self.state["history"].append(entry)
         self.state["train_seconds"] += seconds
         self.state["epochs_done"] = epoch + 1
-        if logs.get("val_accuracy", -1) > self.state.get("best_val_accuracy", -1):
-            self.state["best_val_accuracy"] = logs["val_accuracy"]
-            self.state["best_epoch"] = epoch + 1
-            self.model.save(self.run_dir / BEST)
         self.model.save(self.run_dir / (CHECKPOINT + ".tmp.keras"))
         os.replace(self.run_dir / (CHECKPOINT + ".tmp.keras"), self.run_dir / CHECKPOINT)
         write_json(self.run_dir / STATE, self.state)
-        print(f"epoch {epoch + 1}: {seconds:.0f}s, loss {logs.get('loss', 0):.4f}, "
-              f"val_accuracy {logs.get('val_accuracy', 0):.4f}", flush=True)
+        print(self.progress_line(entry, seconds), flush=True)
+
+    def epoch_finished(self, entry: dict) -> None:
+        if entry.get("val_accuracy", -1) > self.state.get("best_val_accuracy", -1):
+            self.state["best_val_accuracy"] = entry["val_accuracy"]
+            self.state["best_epoch"] = entry["epoch"]
+            self.model.save(self.run_dir / BEST)
+
+    def progress_line(self, entry: dict, seconds: float) -> str:
+        return (f"epoch {entry['epoch']}: {seconds:.0f}s, loss {entry.get('loss', 0):.4f}, "
+                f"val_accuracy {entry.get('val_accuracy', 0):.4f}")
 
 
 def write_json(path: Path, obj: dict) -> None:
