@@ -28,7 +28,7 @@ import keras  # noqa: E402
 
 from training import data as cifar  # noqa: E402
 from training.recipes import Recipe  # noqa: E402
-from training.train import BEST, CHECKPOINT, STATE, AugmentedBatches, EpochState, write_json  # noqa: E402
+from training.train import BEST, CHECKPOINT, STATE, AugmentedBatches, EpochState, compile_model, write_json  # noqa: E402
 
 AVERAGE = "average.npz"  # the running average of the trainable weights and how many it holds
 # Training images that re-estimate batch-norm statistics, augmented as in training: on the
@@ -145,17 +145,11 @@ def average(parent: Path, run_dir: Path, data_dir: Path, cycles: int, cycle_epoc
         print(f"resuming weight averaging after epoch {state['epochs_done']}", flush=True)
     else:
         model = keras.saving.load_model(parent / BEST)
-        optimizer = keras.optimizers.SGD(
-            learning_rate=CyclicDecay(peak, cycle_epochs * len(batches)), momentum=recipe.momentum,
-            nesterov=True, weight_decay=recipe.weight_decay or None)
-        optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
-        model.compile(optimizer=optimizer,
-                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
-                      metrics=["accuracy"], jit_compile=keras.backend.backend() != "torch")
+        compile_model(model, recipe, CyclicDecay(peak, cycle_epochs * len(batches)))  # fresh optimizer state
         running = None
         state = {key: parent_state[key] for key in ("recipe", "backend", "train_images", "validation_images",
                                                      "parameters", "macs_per_image")}
-        state.update(weight_averaging=averaging, parent_train_seconds=parent_state["train_seconds"],
+        state.update(parent_train_seconds=parent_state["train_seconds"],
                      parent_history=parent_state.get("history", []), epochs_done=0, train_seconds=0.0,
                      averaged=0, history=[])
     state["weight_averaging"] = {**averaging, "batch_norm": batch_norm}

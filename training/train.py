@@ -143,11 +143,16 @@ def build_model(recipe: Recipe) -> keras.Model:
     raise ValueError(f"unknown architecture {recipe.architecture!r}")
 
 
-def compile_model(model: keras.Model, recipe: Recipe, steps_per_epoch: int) -> None:
+def one_cycle(recipe: Recipe, steps_per_epoch: int) -> OneCycle:
     total = recipe.epochs * steps_per_epoch
-    schedule = OneCycle(recipe.peak_learning_rate, total, int(total * recipe.warmup_fraction))
+    return OneCycle(recipe.peak_learning_rate, total, int(total * recipe.warmup_fraction))
+
+
+def compile_model(model: keras.Model, recipe: Recipe,
+                  learning_rate: keras.optimizers.schedules.LearningRateSchedule) -> None:
+    """The recipe's optimizer (SGD, Nesterov, decoupled weight decay) and loss, on `learning_rate`."""
     optimizer = keras.optimizers.SGD(
-        learning_rate=schedule, momentum=recipe.momentum, nesterov=True,
+        learning_rate=learning_rate, momentum=recipe.momentum, nesterov=True,
         weight_decay=recipe.weight_decay or None,
     )
     optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
@@ -179,7 +184,7 @@ def train(recipe: Recipe, data_dir: Path, run_dir: Path, resume: bool, limit: in
         print(f"resuming {recipe.name} after epoch {state['epochs_done']}", flush=True)
     else:
         model = build_model(recipe)
-        compile_model(model, recipe, len(batches))
+        compile_model(model, recipe, one_cycle(recipe, len(batches)))
         state = {
             "recipe": recipe.to_dict(), "backend": keras.backend.backend(), "epochs_done": 0,
             "train_seconds": 0.0, "history": [], "train_images": len(train_split),
