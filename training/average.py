@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from training import data as cifar  # noqa: E402
+from training.evaluate import top1_accuracy  # noqa: E402
 from training.recipes import Recipe  # noqa: E402
 from training.train import BEST, CHECKPOINT, STATE, AugmentedBatches, EpochState, compile_model, write_json  # noqa: E402
 
@@ -76,8 +77,7 @@ def batch_norm_images(split: cifar.Split, recipe: Recipe) -> np.ndarray:
 
 
 def accuracy(model: keras.Model, split: cifar.Split) -> float:
-    probabilities = model.predict(split.images, batch_size=500, verbose=0)
-    return float((probabilities.argmax(axis=1) == split.labels).mean())
+    return top1_accuracy(model.predict(split.images, batch_size=500, verbose=0), split.labels)
 
 
 class Averaging(EpochState):

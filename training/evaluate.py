@@ -32,6 +32,10 @@ def predict(session, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     )
 
 
+def top1_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    return float((probabilities.argmax(axis=1) == labels).mean())
+
+
 def accuracy_report(probabilities: np.ndarray, labels: np.ndarray) -> dict:
     """Both test accuracies (all rows, bit-exact rows), per-class accuracy, confusion matrix."""
     predicted = probabilities.argmax(axis=1)

@@ -30,7 +30,7 @@ import keras  # noqa: E402
 
 from training import data as cifar  # noqa: E402
 from training.card import set_metadata  # noqa: E402
-from training.evaluate import accuracy_report, predict, write_report  # noqa: E402
+from training.evaluate import accuracy_report, predict, top1_accuracy, write_report  # noqa: E402
 from training.models import INPUT_NAME, OUTPUT_NAME, PREPROCESSING, count_macs, with_test_time_averaging  # noqa: E402
 from training.train import BEST, STATE  # noqa: E402
 
@@ -153,7 +153,7 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
         parity = parity_check(model, session, test.images[:PARITY_IMAGES])
         report = accuracy_report(predict(session, test.images), test.labels)
         validation = validation_split(data_dir, state["recipe"])
-        validation_accuracy = float((predict(session, validation.images).argmax(axis=1) == validation.labels).mean())
+        validation_accuracy = top1_accuracy(predict(session, validation.images), validation.labels)
         # The share of images that get the extra views: all, none, or (gated) those the trained
         # network alone is unsure of, counted on the test set; MACs follow.
         extra_fraction = float(averaging.active) if averaging.below is None else float(

@@ -25,7 +25,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from training import data as cifar
 from training.card import set_metadata
-from training.evaluate import accuracy_report, ort_session, predict, write_report
+from training.evaluate import accuracy_report, ort_session, predict, top1_accuracy, write_report
 
 CALIBRATION_IMAGES = 1024
 CALIBRATION_SEED = 7
@@ -75,7 +75,7 @@ def quantize(source: Path, repository: Path, name: str, version: int, data_dir: 
         report = accuracy_report(predict(session, test.images), test.labels)
         recipe = fp32_card["training"]["recipe"]
         _, validation = cifar.train_validation_split(train, recipe["validation_size"], recipe["seed"])
-        validation_accuracy = float((predict(session, validation.images).argmax(axis=1) == validation.labels).mean())
+        validation_accuracy = top1_accuracy(predict(session, validation.images), validation.labels)
         batch = test.images[:64]
         fp32_speed = images_per_second(source / "model.onnx", batch, threads)
         int8_speed = images_per_second(quantized, batch, threads)
