@@ -28,7 +28,10 @@ def install(entries: dict[str, str]) -> None:
 def main() -> int:
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
-    install(dict(entry.split("=", 1) for entry in argv[:split]))
+    entries = dict(entry.split("=", 1) for entry in argv[:split])
+    if "sys.switchinterval" in entries:  # the GIL hand-off interval, seconds (Python's default 0.005)
+        sys.setswitchinterval(float(entries.pop("sys.switchinterval")))
+    install(entries)
     from serving.__main__ import main as serve
 
     return serve(argv[split + 1:])

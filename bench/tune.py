@@ -31,6 +31,7 @@ from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 VARIANTS: dict[str, list[str]] = {
     "baseline (defaults)": [],
     "--access-log off": ["--access-log", "off"],
+    "--lone-requests-inline off": ["--lone-requests-inline", "off"],
     "--max-batch-delay-ms 1": ["--max-batch-delay-ms", "1"],
     "--max-batch-delay-ms 3": ["--max-batch-delay-ms", "3"],
     "--max-batch-size 16": ["--max-batch-size", "16"],
@@ -39,6 +40,8 @@ VARIANTS: dict[str, list[str]] = {
     "--graph-optimization basic": ["--graph-optimization", "basic"],
     "--max-concurrent-streams 1000": ["--max-concurrent-streams", "1000"],
     "onnxruntime spinning off (patched)": ["session.intra_op.allow_spinning=0", "--"],
+    "GIL switch interval 0.5 ms (patched)": ["sys.switchinterval=0.0005", "--"],
+    "GIL switch interval 0.1 ms (patched)": ["sys.switchinterval=0.0001", "--"],
     "spinning off (patched) + --intra-op-threads 1": ["session.intra_op.allow_spinning=0", "--",
                                                       "--intra-op-threads", "1"],
 }
