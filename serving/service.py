@@ -8,7 +8,8 @@ runs at once on the event loop's thread: at concurrency 1 the two thread hand-of
 are ~0.1 ms of a ~1.8 ms answer (bench/NOTES.md). The quiet window is what keeps this from
 serialising a loaded server: while the loop computes, it cannot see calls arriving, so after
 computing it yields once, and the calls that arrived meanwhile find this one still active,
-which marks the server as busy for the next LONE_QUIET_S.
+which marks the server as busy for the next LONE_QUIET_S. A call that leaves while others
+are still inside marks it too, since one batch may take longer than the window.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class InferenceCore:
                     return self._outcome(served, result)
             return await self._batched(images, model_name, model_version, deadline)
         finally:
+            if self._active > 1:  # leaving while others wait counts too: one batch may outlast the window
+                self._last_overlap = time.monotonic()
             self._active -= 1
 
     async def _batched(self, images: np.ndarray, model_name: str, model_version: int,
