@@ -31,7 +31,6 @@ from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 VARIANTS: dict[str, list[str]] = {
     "baseline (defaults)": [],
     "--access-log off": ["--access-log", "off"],
-    "--lone-requests-inline off": ["--lone-requests-inline", "off"],
     "--max-batch-delay-ms 1": ["--max-batch-delay-ms", "1"],
     "--max-batch-delay-ms 3": ["--max-batch-delay-ms", "3"],
     "--max-batch-size 16": ["--max-batch-size", "16"],

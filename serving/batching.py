@@ -1,14 +1,10 @@
 """Dynamic batching: coalesce concurrent requests into one runtime call. No gRPC here.
 
-One worker thread per model version runs the batches, off the event loop. Requests queue
-with their deadline; the worker takes what is queued (up to `max_batch_size` images,
-waiting at most `max_delay_s` for more), drops expired and cancelled requests before
-computing, runs one batch and hands each request its rows.
+One worker thread per model version owns the runtime, so inference never runs on the event
+loop. Requests queue with their deadline; the worker takes what is queued (up to
+`max_batch_size` images, waiting at most `max_delay_s` for more), drops expired and
+cancelled requests before computing, runs one batch and hands each request its rows.
 The queue is bounded in images: a full queue refuses at once (Overloaded).
-
-`run_now` is the exception for a lone request on an idle batcher with no batching window: it
-runs on the caller's thread, saving the two thread hand-offs of the queue (InferenceCore
-decides when a request is lone).
 """
 
 from __future__ import annotations
@@ -38,16 +34,12 @@ class BatchResult:
 
 class BatchObserver(Protocol):
     def batch_ran(self, size: int, inference_s: float) -> None: ...
-    def ran_now(self) -> None: ...
     def queue_depth(self, images: int) -> None: ...
     def dropped(self, reason: str, requests: int) -> None: ...
 
 
 class _NullObserver:
     def batch_ran(self, size: int, inference_s: float) -> None:
-        pass
-
-    def ran_now(self) -> None:
         pass
 
     def queue_depth(self, images: int) -> None:
@@ -84,7 +76,6 @@ class DynamicBatcher:
         self._queued_images = 0
         self._cond = threading.Condition()
         self._closing = False
-        self._computing = False  # a batch (or a run_now) is between the queue and its answer
         self._worker = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._worker.start()
 
@@ -113,33 +104,6 @@ class DynamicBatcher:
         future.add_done_callback(lambda f, item=item: self._forget_if_cancelled(f, item))
         return future
 
-    def run_now(self, images: np.ndarray, deadline: float | None = None) -> BatchResult | None:
-        """Compute on the caller's thread if nothing is queued or computing, else None (submit instead).
-
-        Only without a batching window: a configured delay asks requests to wait for company.
-        """
-        if self.max_delay_s > 0 or len(images) > self.max_batch_size:
-            return None
-        with self._cond:
-            if self._closing or self._computing or self._queue:
-                return None
-            self._computing = True
-        try:
-            if deadline is not None and deadline <= time.monotonic():
-                self._observer.dropped("deadline_exceeded", 1)
-                raise DeadlineExpired("the request's deadline passed before it was computed")
-            started = time.perf_counter()
-            probabilities = self._run(images)
-            inference_s = time.perf_counter() - started
-        finally:
-            with self._cond:
-                self._computing = False
-                if self._queue or self._closing:  # wake the worker or close() only when they wait on us
-                    self._cond.notify_all()
-        self._observer.batch_ran(len(images), inference_s)
-        self._observer.ran_now()
-        return BatchResult(probabilities, 0.0, inference_s, len(images))
-
     def _forget_if_cancelled(self, future: Future, item: _Pending) -> None:
         """A client that gives up frees its queue slot at once, not when the worker reaches it."""
         if not future.cancelled():
@@ -155,18 +119,16 @@ class DynamicBatcher:
         self._observer.dropped("cancelled", 1)
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new work, finish what is queued (and a run_now in progress), stop the worker."""
+        """Refuse new work, finish what is queued, stop the worker."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         self._worker.join(timeout)
-        with self._cond:  # the runtime is released after close: no run may still be using it
-            self._cond.wait_for(lambda: not self._computing, timeout)
 
     def _take_batch(self) -> list[_Pending] | None:
         with self._cond:
-            while not self._queue or self._computing:
-                if self._closing and not self._queue:
+            while not self._queue:
+                if self._closing:
                     return None
                 self._cond.wait()
             if self.max_delay_s > 0 and self._queued_images < self.max_batch_size and not self._closing:
@@ -186,7 +148,6 @@ class DynamicBatcher:
                 size += len(item.images)
             self._queued_images -= size
             depth = self._queued_images
-            self._computing = True
         self._observer.queue_depth(depth)
         return batch
 
@@ -209,8 +170,6 @@ class DynamicBatcher:
                     live.append(item)
             if live:
                 self._execute(live, now)
-            with self._cond:
-                self._computing = False
 
     def _execute(self, batch: list[_Pending], started: float) -> None:
         images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])

@@ -40,7 +40,6 @@ class ServerConfig:
     # Batching and limits
     max_batch_size: int = 64  # 1 turns dynamic batching off
     max_batch_delay_ms: float = 0.0  # 0 = run whatever is queued as soon as the runtime is free
-    lone_requests_inline: bool = True  # only with no batching window (max_batch_delay_ms 0)
     max_queue_size: int = 1024  # images waiting across all requests of one model version
     max_images_per_request: int = 256
     max_image_pixels: int = 4096 * 4096  # decompression-bomb guard: checked before decoding
@@ -81,9 +80,6 @@ _HELP = {
     "graph_optimization": "onnxruntime graph optimisation level",
     "max_batch_size": "most images per onnxruntime run (1 turns dynamic batching off)",
     "max_batch_delay_ms": "longest wait for more requests to fill a batch (0: greedy, no wait)",
-    "lone_requests_inline": "compute a lone request on an idle server at once on the event loop, skipping the "
-    "batcher's two thread hand-offs (~0.1 ms); any concurrency in the last 50 ms sends requests through the "
-    "batcher; needs --max-batch-delay-ms 0",
     "max_queue_size": "images queued per model version before RESOURCE_EXHAUSTED",
     "max_images_per_request": "most images in one ClassifyBatch / ModelInfer",
     "max_image_pixels": "largest width*height accepted, checked from the header before decoding",

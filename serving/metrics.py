@@ -38,11 +38,6 @@ class ServingMetrics:
             "images_classified_total", "Images classified, by model version and predicted (top-1) class",
             ["model", "version", "predicted_class"], namespace=NAMESPACE, registry=registry,
         )
-        self.lone_requests = Counter(
-            "lone_requests_total",
-            "Requests computed at once on the event loop (alone on an idle server), skipping the batcher queue",
-            ["model", "version"], namespace=NAMESPACE, registry=registry,
-        )
         self.inflight = Gauge(
             "inflight_requests", "RPCs being handled now", ["protocol"], namespace=NAMESPACE, registry=registry,
         )
@@ -113,15 +108,11 @@ class BatchMetrics:
 
     def __init__(self, metrics: ServingMetrics, model: str, version: str):
         self._batch = metrics.batch_size.labels(model, version)
-        self._lone = metrics.lone_requests.labels(model, version)
         self._depth = metrics.queue_depth.labels(model, version)
         self._dropped = {r: metrics.dropped.labels(model, version, r) for r in ("deadline_exceeded", "cancelled")}
 
     def batch_ran(self, size: int, inference_s: float) -> None:
         self._batch.observe(size)
-
-    def ran_now(self) -> None:
-        self._lone.inc()
 
     def queue_depth(self, images: int) -> None:
         self._depth.set(images)

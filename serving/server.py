@@ -58,7 +58,7 @@ class ClassifierServer:
             BatchingOptions(config.max_batch_size, config.max_batch_delay_ms / 1000.0, config.max_queue_size),
             self.metrics, config.default_model, config.version_policy,
         )
-        self.core = InferenceCore(self.repository, self.metrics, config.lone_requests_inline)
+        self.core = InferenceCore(self.repository, self.metrics)
         self.calls = CallObserver(self.metrics, config.access_log)
         self.health = HealthServicer()
         self.health_services = ["", SERVICE_NAME]

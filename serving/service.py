@@ -2,14 +2,6 @@
 
 Both the native Classifier API and the Open Inference Protocol call `InferenceCore.infer`,
 so they share the batcher, queue bound, deadlines and metrics.
-
-A lone request (no other call in `infer` now or in the last LONE_QUIET_S) on an idle batcher
-runs at once on the event loop's thread: at concurrency 1 the two thread hand-offs of the queue
-are ~0.1 ms of a ~1.8 ms answer (bench/NOTES.md). The quiet window is what keeps this from
-serialising a loaded server: while the loop computes, it cannot see calls arriving, so after
-computing it yields once, and the calls that arrived meanwhile find this one still active,
-which marks the server as busy for the next LONE_QUIET_S. A call that leaves while others
-are still inside marks it too, since one batch may take longer than the window.
 """
 
 from __future__ import annotations
@@ -26,7 +18,6 @@ from serving.metrics import ServingMetrics
 from serving.repository import ModelRepository, ServedVersion
 
 DEFAULT_TOP_K = 5
-LONE_QUIET_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -48,35 +39,12 @@ class InferenceOutcome:
 
 
 class InferenceCore:
-    def __init__(self, repository: ModelRepository, metrics: ServingMetrics, lone_requests_inline: bool = True):
+    def __init__(self, repository: ModelRepository, metrics: ServingMetrics):
         self.repository, self.metrics = repository, metrics
-        self.lone_requests_inline = lone_requests_inline
-        self._active = 0  # calls inside infer() now (all models: they share one event loop)
-        self._last_overlap = float("-inf")  # time.monotonic() when two calls were last in infer() at once
 
     async def infer(self, images: np.ndarray, model_name: str, model_version: int,
                     deadline: float | None) -> InferenceOutcome:
-        """uint8 [k, 32, 32, 3] -> probabilities: at once if the request is lone, else batched."""
-        now = time.monotonic()
-        if self._active:
-            self._last_overlap = now
-        self._active += 1
-        try:
-            if self.lone_requests_inline and len(images) == 1 and now - self._last_overlap > LONE_QUIET_S:
-                served = self.repository.resolve(model_name, model_version)
-                result = served.batcher.run_now(images, deadline) if served.batcher else None
-                if result is not None:
-                    await asyncio.sleep(0)  # calls that arrived while the loop computed now see this one
-                    return self._outcome(served, result)
-            return await self._batched(images, model_name, model_version, deadline)
-        finally:
-            if self._active > 1:  # leaving while others wait counts too: one batch may outlast the window
-                self._last_overlap = time.monotonic()
-            self._active -= 1
-
-    async def _batched(self, images: np.ndarray, model_name: str, model_version: int,
-                       deadline: float | None) -> InferenceOutcome:
-        """Through the version's dynamic batcher.
+        """uint8 [k, 32, 32, 3] -> probabilities, through the version's dynamic batcher.
 
         A version swapped out between routing and queueing (hot reload) refuses the submit;
         the request is then routed again, so a reload never fails a request.
@@ -94,9 +62,7 @@ class InferenceCore:
                     raise
         else:
             raise ShuttingDown("the model version is being replaced; retry")
-        return self._outcome(served, await asyncio.wrap_future(future))
-
-    def _outcome(self, served: ServedVersion, result: BatchResult) -> InferenceOutcome:
+        result: BatchResult = await asyncio.wrap_future(future)
         version = str(served.version)
         self.metrics.phase_latency.labels("queue_wait", served.name, version).observe(result.queue_wait_s)
         self.metrics.phase_latency.labels("inference", served.name, version).observe(result.inference_s)

@@ -42,38 +42,6 @@ def test_max_batch_size_one_turns_batching_off(start_server):
     assert srv.metric("classifier_batch_size_bucket", model="cifar10", le="1.0") == 8
 
 
-def test_a_lone_request_is_computed_at_once_without_queueing(start_server):
-    srv = start_server()
-    for _ in range(5):
-        srv.stub.Classify(single(), timeout=10)
-    assert srv.metric("classifier_lone_requests_total", model="cifar10") == 5
-    assert srv.metric("classifier_batch_size_count", model="cifar10") == 5
-    assert srv.metric("classifier_phase_duration_seconds_sum", phase="queue_wait") == 0
-
-
-def test_concurrent_requests_are_batched_not_computed_one_by_one_on_the_event_loop(start_server):
-    # A loop that computes cannot see calls arriving: without the quiet-window guard every call
-    # of a loaded server would find it idle and run alone.
-    srv = start_server()
-    clients, each = 16, 12
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(lambda _: [srv.stub.Classify(single(), timeout=10) for _ in range(each)], range(clients)))
-    requests = clients * each
-    assert srv.metric("classifier_batch_size_sum", model="cifar10") == requests
-    assert srv.metric("classifier_lone_requests_total", model="cifar10") < requests / 4
-    assert srv.metric("classifier_batch_size_count", model="cifar10") < requests / 2
-
-
-@pytest.mark.parametrize("flags", [("--lone-requests-inline", "off"), ("--max-batch-delay-ms", "2")],
-                         ids=["switched-off", "batching-window"])
-def test_lone_requests_queue_when_switched_off_or_a_batching_window_is_set(start_server, flags):
-    srv = start_server(*flags)
-    for _ in range(3):
-        srv.stub.Classify(single(), timeout=10)
-    assert srv.metric("classifier_lone_requests_total", model="cifar10") == 0
-    assert srv.metric("classifier_batch_size_count", model="cifar10") == 3
-
-
 def test_a_request_whose_deadline_passes_in_the_queue_is_never_computed(start_server):
     srv = start_server("--max-batch-size", "8", "--max-batch-delay-ms", "1000")
     with pytest.raises(grpc.RpcError) as err:

@@ -11,7 +11,7 @@ from tests.conftest import raw_image
 FAMILIES = [
     "classifier_requests_total", "classifier_request_duration_seconds_bucket",
     "classifier_phase_duration_seconds_bucket", "classifier_batch_size_bucket",
-    "classifier_images_classified_total", "classifier_lone_requests_total", "classifier_inflight_requests", "classifier_queue_depth_images",
+    "classifier_images_classified_total", "classifier_inflight_requests", "classifier_queue_depth_images",
     "classifier_model_info", "classifier_model_loads_total", "classifier_serving",
 ]
 
