@@ -1,8 +1,8 @@
 """The limit: raw onnxruntime in this process on the same model file, no server, no network.
 
 Same session settings as the server (intra-op threads, one inter-op thread, sequential, full
-graph optimisation), fed real test images; every batch size is timed and the best is the
-throughput ceiling the servers are measured against.
+graph optimisation), fed the same real test images as the servers, cycled through; every batch
+size is timed and the best is the throughput ceiling the servers are measured against.
 """
 
 from __future__ import annotations
@@ -51,18 +51,31 @@ def session(model_path: Path, intra_op_threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+def batches_of(images: np.ndarray, size: int) -> list[np.ndarray]:
+    """Contiguous batches of `size` that together cover every image (the last one wraps around).
+
+    The servers cycle through the same images; a model whose cost depends on the image (the
+    gated ensemble runs extra passes for unsure ones) must be timed on the same mix, not on
+    the first `size` images over and over.
+    """
+    count = len(images)
+    cycled = np.concatenate([images] * (1 + -(-size // count)))
+    return [np.ascontiguousarray(cycled[start:start + size]) for start in range(0, count, size)]
+
+
 def measure(model_path: Path, images: np.ndarray, intra_op_threads: int, seconds_per_size: float,
             batch_sizes: tuple[int, ...] = BATCH_SIZES, label: str = "") -> LimitResult:
     runner = session(model_path, intra_op_threads)
     input_name, output_name = runner.get_inputs()[0].name, runner.get_outputs()[0].name
     per_batch = {}
     for size in batch_sizes:
-        batch = np.ascontiguousarray(np.resize(images, (size, *images.shape[1:])))
-        for _ in range(3):  # warm-up: first runs of a shape allocate
+        batches = batches_of(images, size)
+        for batch in batches[:3]:  # warm-up: first runs of a shape allocate
             runner.run([output_name], {input_name: batch})
         times = []
         began = time.perf_counter()
         while time.perf_counter() - began < seconds_per_size or len(times) < 5:
+            batch = batches[len(times) % len(batches)]
             t0 = time.perf_counter()
             runner.run([output_name], {input_name: batch})
             times.append(time.perf_counter() - t0)

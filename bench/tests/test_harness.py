@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bench import report, v2proto
+from bench import limit, report, v2proto
 from bench.endpoints import Endpoint, cifar_test_images, native_batch_endpoint, native_endpoint, v2_endpoint
 from bench.loadgen import closed_loop, open_loop
 from bench.run import FP32_MODEL, bench_repository
@@ -89,6 +89,14 @@ def test_v2_endpoint_asks_the_server_for_the_input_tensor_and_gets_the_native_an
         native_call = channel.unary_unary(native.method)
         native_top1 = [native.top1_of(native_call(native.requests[i], timeout=10)) for i in range(8)]
     assert v2_top1 == native_top1
+
+
+@pytest.mark.parametrize("size", [1, 4, 64, 128])
+def test_the_limit_is_timed_on_every_image_the_servers_get_not_the_first_few(images, size):
+    batches = limit.batches_of(images.images, size)
+    assert all(batch.shape == (size, 32, 32, 3) and batch.flags["C_CONTIGUOUS"] for batch in batches)
+    seen = {batch[row].tobytes() for batch in batches for row in range(size)}
+    assert seen == {image.tobytes() for image in images.images}
 
 
 def test_batch_size_distribution_is_per_bucket_not_cumulative():
