@@ -1,5 +1,6 @@
 """`python -m bench.patched_serving KEY=VALUE ... -- [server flags]`: our server with extra
-onnxruntime session config entries, for tuning experiments that have no server flag (yet).
+onnxruntime session config entries (and `sys.switchinterval=SECONDS`, the GIL hand-off
+interval), for tuning experiments that have no server flag (yet).
 
 Used only by bench/tune.py, never for a benchmark row: it measures what a change to
 serving/runtime.py would buy before anyone makes it. The patch wraps

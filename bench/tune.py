@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
+from bench import limit
 from bench.endpoints import native_endpoint, png_bytes, cifar_test_images
 from bench.loadgen import closed_loop
 from bench.run import FP32_MODEL, MODEL_FILE, RESULTS, bench_repository, newest_version, training_running
@@ -124,10 +125,11 @@ def session_variants(threads: int, images: np.ndarray, seconds: float) -> list[d
         feed_name, output = session.get_inputs()[0].name, session.get_outputs()[0].name
         row = {"variant": name}
         for size in (1, 64):
-            batch = np.ascontiguousarray(np.resize(images, (size, 32, 32, 3)))
-            session.run([output], {feed_name: batch})
+            batches = limit.batches_of(images, size)  # the same image mix as the limit and the servers
+            session.run([output], {feed_name: batches[0]})
             times, began = [], time.perf_counter()
             while time.perf_counter() - began < seconds:
+                batch = batches[len(times) % len(batches)]
                 t0 = time.perf_counter()
                 session.run([output], {feed_name: batch})
                 times.append(time.perf_counter() - t0)
