@@ -159,8 +159,9 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
         extra_fraction = float(averaging.active) if averaging.below is None else float(
             (predict(ort_session_from_proto(to_onnx(trained)), test.images).max(axis=1) < averaging.below).mean())
         views = 2 if averaging.mirror else 1
-        extra_macs = count_macs(trained) * (views - 1) + sum(count_macs(p) * views for p in partners)
-        macs = round(count_macs(trained) + extra_fraction * extra_macs)
+        trained_macs = count_macs(trained)
+        extra_macs = trained_macs * (views - 1) + sum(count_macs(p) * views for p in partners)
+        macs = round(trained_macs + extra_fraction * extra_macs)
         recipe = state["recipe"]
         # A weight-averaging run (training/average.py) continues a parent run: count both.
         weight_averaging = state.get("weight_averaging", {})

@@ -101,23 +101,22 @@ class TestTimeAverage(layers.Layer):
         both = network(ops.concatenate([images, ops.flip(images, axis=2)], axis=0))
         return list(ops.split(both, 2, axis=0))
 
-    def _other_views(self, images) -> list:
-        """Every view but `model` on the plain image: what the gate adds for unsure images."""
-        views = [self.model(ops.flip(images, axis=2))] if self.mirror else []
-        for partner in self.partners:
-            views += self._views_of(partner, images)
-        return views
+    def _partner_views(self, images) -> list:
+        return [view for partner in self.partners for view in self._views_of(partner, images)]
+
+    @staticmethod
+    def _mean(views: list):
+        return sum(views[1:], views[0]) / len(views)
 
     def call(self, images):
         if self.below is None:
-            views = self._views_of(self.model, images)
-            for partner in self.partners:
-                views += self._views_of(partner, images)
-            return sum(views[1:], views[0]) / len(views)
+            return self._mean(self._views_of(self.model, images) + self._partner_views(images))
         plain = self.model(images)
         unsure = ops.nonzero(ops.max(plain, axis=1) < self.below)[0]
-        views = [ops.take(plain, unsure, axis=0), *self._other_views(ops.take(images, unsure, axis=0))]
-        averaged = sum(views[1:], views[0]) / len(views)
+        unsure_images = ops.take(images, unsure, axis=0)
+        # Every view but `model` on the plain image (already computed): what the gate adds.
+        mirrored = [self.model(ops.flip(unsure_images, axis=2))] if self.mirror else []
+        averaged = self._mean([ops.take(plain, unsure, axis=0), *mirrored, *self._partner_views(unsure_images)])
         return ops.scatter_update(plain, ops.expand_dims(unsure, axis=1), averaged)
 
 
