@@ -21,7 +21,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving import images as imaging
+from serving.__main__ import loop_factory
 from serving.batching import DynamicBatcher
+from serving.config import EVENT_LOOPS, ServerConfig
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.runtime import OnnxModel, RuntimeOptions
@@ -38,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--default-model", default="cifar10")
     parser.add_argument("--intra-op-threads", type=int, default=0)
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=ServerConfig.event_loop, help="--mode aio only")
     args, _ignored = parser.parse_known_args(argv)
     return args
 
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         await server.start()
         await server.wait_for_termination()
 
-    asyncio.run(serve())
+    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
+        runner.run(serve())
 
 
 if __name__ == "__main__":

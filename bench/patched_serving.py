@@ -1,20 +1,26 @@
-"""`python -m bench.patched_serving KEY=VALUE ... -- [server flags]`: our server with extra
-onnxruntime session config entries (and `sys.switchinterval=SECONDS`, the GIL hand-off
-interval), for tuning experiments that have no server flag (yet).
+"""`python -m bench.patched_serving KEY=VALUE ... -- [server flags]`: our server with a change
+that has no flag (yet), for tuning experiments.
 
-Used only by bench/tune.py, never for a benchmark row: it measures what a change to
-serving/runtime.py would buy before anyone makes it. The patch wraps
-onnxruntime.InferenceSession in this process only.
+Keys: onnxruntime session config entries (`session.intra_op.allow_spinning=0`, ...) and these:
+- `sys.switchinterval=SECONDS`: the GIL hand-off interval (Python's default 0.005);
+- `grpc_option.NAME=VALUE`: an extra gRPC server channel argument (`grpc.optimization_target`);
+- `inference_nice=N`: the batcher and onnxruntime threads at nice N (a negative N needs root);
+- `decode_inline_max_bytes=N`: encoded images above N bytes decode in a thread (the default 64 KiB).
+
+Used only by bench/tune.py, never for a benchmark row: it measures what a change to serving/
+would buy before anyone makes it. Every patch applies to this process only.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Callable
 
 import onnxruntime as ort
 
 
-def install(entries: dict[str, str]) -> None:
+def session_entries(entries: dict[str, str]) -> None:
     original = ort.InferenceSession
 
     def session_with_entries(model, sess_options=None, *args, **kwargs):
@@ -26,13 +32,54 @@ def install(entries: dict[str, str]) -> None:
     ort.InferenceSession = session_with_entries  # type: ignore[misc]
 
 
+def switch_interval(seconds: str) -> None:
+    sys.setswitchinterval(float(seconds))
+
+
+def grpc_option(name: str, value: str) -> None:
+    from serving.server import ClassifierServer
+
+    plain_options = ClassifierServer._grpc_options
+    typed = int(value) if value.lstrip("-").isdigit() else value
+    ClassifierServer._grpc_options = lambda self: [*plain_options(self), (name, typed)]  # type: ignore[method-assign]
+
+
+def inference_nice(nice: str) -> None:
+    from serving.repository import ModelRepository
+
+    plain_scan = ModelRepository.scan
+
+    def scan_at_nice(self, *args, **kwargs):  # threads created by a scan (batcher, onnxruntime) inherit it
+        os.setpriority(os.PRIO_PROCESS, 0, int(nice))
+        return plain_scan(self, *args, **kwargs)
+
+    ModelRepository.scan = scan_at_nice  # type: ignore[method-assign]
+
+
+def decode_inline_max_bytes(size: str) -> None:
+    import serving.servicer
+
+    serving.servicer.DECODE_INLINE_MAX_BYTES = int(size)
+
+
+PATCHES: dict[str, Callable[[str], None]] = {
+    "sys.switchinterval": switch_interval,
+    "inference_nice": inference_nice,
+    "decode_inline_max_bytes": decode_inline_max_bytes,
+}
+GRPC_OPTION = "grpc_option."
+
+
 def main() -> int:
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     entries = dict(entry.split("=", 1) for entry in argv[:split])
-    if "sys.switchinterval" in entries:  # the GIL hand-off interval, seconds (Python's default 0.005)
-        sys.setswitchinterval(float(entries.pop("sys.switchinterval")))
-    install(entries)
+    for key in list(entries):
+        if key in PATCHES:
+            PATCHES[key](entries.pop(key))
+        elif key.startswith(GRPC_OPTION):
+            grpc_option(key[len(GRPC_OPTION):], entries.pop(key))
+    session_entries(entries)
     from serving.__main__ import main as serve
 
     return serve(argv[split + 1:])

@@ -1,8 +1,10 @@
 """`python -m bench.tune`: the tuning experiments behind bench/NOTES.md, rerunnable.
 
-1. Server flag variants: our server, native raw inputs, closed loop at a few concurrencies,
-   one fresh server per variant (same run, same machine, so variants compare to the baseline).
-2. onnxruntime session options in-process: thread spinning, memory arena, graph optimisation.
+1. Server flag variants: our server, native raw (or `--input png`) inputs, closed loop at a few
+   concurrencies, one fresh server per variant (same run, same machine, so variants compare to
+   the baseline). "(patched)" variants change something that has no flag (bench/patched_serving.py).
+2. onnxruntime session options in-process: thread spinning, memory arena, graph optimisation,
+   IOBinding.
 3. Per-image costs of the request path in-process: PNG decode, raw pixels (np.frombuffer) vs a
    copy, protobuf parse of a request.
 Writes bench/results/tuning/tuning.md (+ tuning.json).
@@ -38,17 +40,25 @@ VARIANTS: dict[str, list[str]] = {
     "--max-batch-size 128": ["--max-batch-size", "128", "--max-queue-size", "1024"],
     "--intra-op-threads 1": ["--intra-op-threads", "1"],
     "--graph-optimization basic": ["--graph-optimization", "basic"],
+    "--event-loop asyncio": ["--event-loop", "asyncio"],
     "--max-concurrent-streams 1000": ["--max-concurrent-streams", "1000"],
     "onnxruntime spinning off (patched)": ["session.intra_op.allow_spinning=0", "--"],
     "GIL switch interval 0.5 ms (patched)": ["sys.switchinterval=0.0005", "--"],
     "GIL switch interval 0.1 ms (patched)": ["sys.switchinterval=0.0001", "--"],
+    "gRPC optimization_target throughput (patched)": ["grpc_option.grpc.optimization_target=throughput", "--"],
+    "gRPC optimization_target latency (patched)": ["grpc_option.grpc.optimization_target=latency", "--"],
+    # Needs root (a negative nice); the batcher and onnxruntime threads inherit it from the scan.
+    "batcher + onnxruntime threads at nice -5 (patched)": ["inference_nice=-5", "--"],
+    # Meaningful with --input png: every encoded image decoded in a thread, not only large ones.
+    "every PNG decoded in a thread (patched)": ["decode_inline_max_bytes=0", "--"],
     "spinning off (patched) + --intra-op-threads 1": ["session.intra_op.allow_spinning=0", "--",
                                                       "--intra-op-threads", "1"],
 }
 PATCHED_LAUNCHER = ["-m", "bench.patched_serving"]  # variants whose list holds "--": session entries before it
 # Not our server: the same model and batcher with no per-request bookkeeping (bench/bare_server.py).
 BARE_VARIANTS: dict[str, list[str]] = {
-    "bare grpc.aio server (no bookkeeping)": ["--mode", "aio"],
+    "bare grpc.aio server on uvloop (no bookkeeping)": ["--mode", "aio"],
+    "bare grpc.aio server on asyncio's loop (no bookkeeping)": ["--mode", "aio", "--event-loop", "asyncio"],
     "bare thread-pool server (80 threads; no bookkeeping)": ["--mode", "sync"],
 }
 BARE_LAUNCHER = ["-m", "bench.bare_server"]
@@ -60,6 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrencies", default="1,16,64")
     parser.add_argument("--variants", default="", help="comma-separated subset of variant names (default all)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--input", choices=("raw", "png"), default="raw", help="image form the server variants get")
     parser.add_argument("--out", type=Path, default=RESULTS / "tuning")
     return parser.parse_args(argv)
 
@@ -74,7 +85,7 @@ def phase_times(server: OurServer) -> PhaseTimes:
 def server_variants(args: argparse.Namespace, images) -> list[dict]:
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()] or [*VARIANTS, *BARE_VARIANTS]
     concurrencies = [int(c) for c in args.concurrencies.split(",")]
-    endpoint = native_endpoint(images, "raw")
+    endpoint = native_endpoint(images, args.input)
     rows = []
     for name in wanted:
         # The variant's flags come last, so a variant's --intra-op-threads wins over the default.
@@ -96,11 +107,30 @@ def server_variants(args: argparse.Namespace, images) -> list[dict]:
 
                 before = phase_times(server)
                 result = asyncio.run(run())
-                rows.append({"variant": name, **result.summary(),
+                rows.append({"variant": name, "input": args.input, **result.summary(),
                              "server_ms": phase_times(server).minus(before).mean_ms()})
         finally:
             server.stop()
     return rows
+
+
+def bound_runner(session: ort.InferenceSession, feed_name: str, output: str):
+    """IOBinding with one output buffer per batch size, bound once and reused (no output allocation per run)."""
+    bindings: dict[int, tuple[ort.IOBinding, ort.OrtValue]] = {}
+    classes = session.get_outputs()[0].shape[-1]
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        if len(batch) not in bindings:
+            binding = session.io_binding()
+            buffer = ort.OrtValue.ortvalue_from_shape_and_type([len(batch), classes], np.float32)
+            binding.bind_ortvalue_output(output, buffer)
+            bindings[len(batch)] = (binding, buffer)
+        binding, buffer = bindings[len(batch)]
+        binding.bind_cpu_input(feed_name, batch)
+        session.run_with_iobinding(binding)
+        return buffer.numpy()
+
+    return run
 
 
 def session_variants(threads: int, images: np.ndarray, seconds: float) -> list[dict]:
@@ -111,6 +141,7 @@ def session_variants(threads: int, images: np.ndarray, seconds: float) -> list[d
         "arena off": {"arena": False},
         "ORT_ENABLE_BASIC": {"level": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC},
         "ORT_DISABLE_ALL": {"level": ort.GraphOptimizationLevel.ORT_DISABLE_ALL},
+        "IOBinding, output buffer bound once per batch size": {"iobinding": True},
     }
     rows = []
     for name, variant in variants.items():
@@ -123,15 +154,20 @@ def session_variants(threads: int, images: np.ndarray, seconds: float) -> list[d
             options.add_session_config_entry(key, value)
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         feed_name, output = session.get_inputs()[0].name, session.get_outputs()[0].name
+        if variant.get("iobinding"):
+            run = bound_runner(session, feed_name, output)
+        else:
+            def run(batch: np.ndarray, session=session, feed_name=feed_name, output=output) -> np.ndarray:
+                return session.run([output], {feed_name: batch})[0]
         row = {"variant": name}
         for size in (1, 64):
             batches = limit.batches_of(images, size)  # the same image mix as the limit and the servers
-            session.run([output], {feed_name: batches[0]})
+            run(batches[0])
             times, began = [], time.perf_counter()
             while time.perf_counter() - began < seconds:
                 batch = batches[len(times) % len(batches)]
                 t0 = time.perf_counter()
-                session.run([output], {feed_name: batch})
+                run(batch)
                 times.append(time.perf_counter() - t0)
             row[f"batch{size}_p50_ms"] = round(float(np.percentile(times, 50)) * 1000, 3)
             row[f"batch{size}_img_s"] = round(size * len(times) / sum(times), 1)
@@ -166,7 +202,7 @@ def markdown(result: dict) -> str:
     lines = [f"# Tuning experiments ({result['date_utc']} UTC)", ""]
     if result["training_running"]:
         lines += ["**NOT VALID: a training run was using the CPU; differences below are indicative only.**", ""]
-    lines += ["## Server flags (native, raw pixels, closed loop)", "",
+    lines += [f"## Server flags (native, {result.get('input', 'raw')} inputs, closed loop)", "",
               "Server-side means come from the server's own histograms over the same window: the whole "
               "handler, and within it the queue wait (the hand-off to the batcher thread included), "
               "onnxruntime, decode + post-processing.", "",
@@ -195,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     images = cifar_test_images(1000)
-    result = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "training_running": training_running()}
+    result = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "training_running": training_running(),
+              "input": args.input}
     result["request_path"] = request_path_costs(images.images)
     result["session"] = session_variants(args.threads, images.images, max(1.0, args.seconds / 4))
     result["server"] = server_variants(args, images)

@@ -45,6 +45,11 @@ def read_setting_file(flag: str, path: str) -> bytes:
         raise StartupError(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
+def event_loop_name() -> str:
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
+
+
 class ClassifierServer:
     def __init__(self, config: ServerConfig, registry: CollectorRegistry | None = None):
         self.config = config
@@ -133,7 +138,8 @@ class ClassifierServer:
         if self.config.metrics_enabled:
             self._metrics_server = serve_metrics(self.config.metrics_host, self.config.metrics_port, self.registry)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.config.metrics_port)
-        log.info("gRPC listening on %s:%d (health NOT_SERVING until models are warm)", self.config.host, self.port)
+        log.info("gRPC listening on %s:%d, event loop %s (health NOT_SERVING until models are warm)",
+                 self.config.host, self.port, event_loop_name())
         self._tasks.append(asyncio.ensure_future(self._initial_load()))
         return self.port
 

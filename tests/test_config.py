@@ -33,6 +33,7 @@ def test_env_vars_set_every_option_and_flags_win():
     (["--max-batch-size", "0"], {}, "--max-batch-size must be >= 1"),
     (["--max-queue-size", "4", "--max-batch-size", "8"], {}, "--max-queue-size must be >= --max-batch-size"),
     ([], {"CIFAR10_PROVIDERS": "tpu"}, "choose from auto, cpu, cuda, tensorrt"),
+    (["--event-loop", "trio"], {}, "choose from 'uvloop', 'asyncio'"),
     ([], {"CIFAR10_MAX_BATCH_SIZE": "lots"}, "CIFAR10_MAX_BATCH_SIZE='lots'"),
 ])
 def test_invalid_settings_exit_with_a_message(argv, env, words, capsys):
@@ -61,3 +62,11 @@ def test_intra_op_spinning_reaches_the_onnxruntime_session(spinning, entry):
                       RuntimeOptions(intra_op_threads=1, intra_op_spinning=config.intra_op_spinning))
     options = model.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+
+
+@pytest.mark.parametrize("flags,loop", [((), "uvloop"), (("--event-loop", "asyncio"), "asyncio")])
+def test_the_event_loop_is_uvloop_unless_asyncio_is_asked_for_and_the_log_says_which(start_server, flags, loop):
+    srv = start_server(*flags)
+    reply = srv.stub.Classify(pb.ClassifyRequest(image=raw_image(np.zeros((32, 32, 3), np.uint8))), timeout=10)
+    assert len(reply.predictions) == 5
+    assert f"event loop {loop} " in srv.log()

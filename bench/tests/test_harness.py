@@ -99,6 +99,37 @@ def test_the_limit_is_timed_on_every_image_the_servers_get_not_the_first_few(ima
     assert seen == {image.tobytes() for image in images.images}
 
 
+def test_patched_server_entries_reach_the_server_and_onnxruntime(monkeypatch):
+    import onnxruntime as ort
+
+    import serving.servicer
+    from bench import patched_serving
+    from serving.config import load_config
+    from serving.server import ClassifierServer
+
+    for owner, name in ((ClassifierServer, "_grpc_options"), (ort, "InferenceSession"),
+                        (serving.servicer, "DECODE_INLINE_MAX_BYTES")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
+    captured = {}
+    monkeypatch.setattr(patched_serving, "session_entries", captured.update)
+
+    def serve(argv):
+        captured["argv"] = argv
+        return 0
+
+    monkeypatch.setattr("serving.__main__.main", serve)
+    monkeypatch.setattr("sys.argv", ["patched", "grpc_option.grpc.optimization_target=throughput",
+                                     "decode_inline_max_bytes=0", "session.intra_op.allow_spinning=0",
+                                     "--", "--port", "0"])
+
+    assert patched_serving.main() == 0
+    assert captured == {"session.intra_op.allow_spinning": "0", "argv": ["--port", "0"]}
+    server = ClassifierServer.__new__(ClassifierServer)  # _grpc_options reads nothing but the config
+    server.config = load_config([])
+    assert ("grpc.optimization_target", "throughput") in server._grpc_options()
+    assert serving.servicer.DECODE_INLINE_MAX_BYTES == 0
+
+
 def test_batch_size_distribution_is_per_bucket_not_cumulative():
     sizes = BatchSizes({1.0: 3, 2.0: 3, 4.0: 10, 8.0: 12, float("inf"): 12}, total=60, count=12)
     assert sizes.distribution() == {"1": 3, "3-4": 7, "5-8": 2}
