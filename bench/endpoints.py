@@ -59,8 +59,12 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 
 def image_message(pixels: np.ndarray, input_form: str) -> pb.Image:
+    """`raw` (uint8 HWC, the model's own input), `png`, or `tensor` (float32 in [0, 1], NHWC)."""
     if input_form == "png":
         return pb.Image(encoded=png_bytes(pixels))
+    if input_form == "tensor":
+        return pb.Image(tensor=pb.FloatTensor(data=(pixels.astype(np.float32) / 255.0).ravel(),
+                                              shape=list(pixels.shape), layout=pb.LAYOUT_NHWC))
     height, width, channels = pixels.shape
     return pb.Image(raw=pb.RawPixels(data=pixels.tobytes(), height=height, width=width, channels=channels))
 

@@ -1,6 +1,6 @@
 """`python -m bench.tune`: the tuning experiments behind bench/NOTES.md, rerunnable.
 
-1. Server flag variants: our server, native raw (or `--input png`) inputs, closed loop at a few
+1. Server flag variants: our server, native raw (or `--input png|tensor`) inputs, closed loop at a few
    concurrencies, one fresh server per variant (same run, same machine, so variants compare to
    the baseline). "(patched)" variants change something that has no flag (bench/patched_serving.py).
 2. onnxruntime session options in-process: thread spinning, memory arena, graph optimisation,
@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrencies", default="1,16,64")
     parser.add_argument("--variants", default="", help="comma-separated subset of variant names (default all)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--input", choices=("raw", "png"), default="raw", help="image form the server variants get")
+    parser.add_argument("--input", choices=("raw", "png", "tensor"), default="raw",
+                        help="image form the server variants get (tensor: float32 in [0, 1])")
     parser.add_argument("--out", type=Path, default=RESULTS / "tuning")
     return parser.parse_args(argv)
 
