@@ -21,9 +21,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving import images as imaging
-from serving.__main__ import loop_factory
 from serving.batching import DynamicBatcher
 from serving.config import EVENT_LOOPS, ServerConfig
+from serving.event_loop import loop_factory
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.runtime import OnnxModel, RuntimeOptions

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Callable
 
 from serving.config import load_config
 from serving.errors import StartupError
+from serving.event_loop import loop_factory
 from serving.logs import configure_logging
-
-
-def loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """None: asyncio's own loop."""
-    if event_loop != "uvloop":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        raise StartupError("--event-loop uvloop: uvloop is not installed (pip install uvloop, "
-                           "or run with --event-loop asyncio)") from None
-    return uvloop.new_event_loop
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from serving.auth import BearerTokenInterceptor, load_tokens
 from serving.calls import CallObserver
 from serving.config import ServerConfig
 from serving.errors import StartupError
+from serving.event_loop import running_loop_name
 from serving.metrics import ServingMetrics, serve_metrics
 from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc
 from serving.repository import BatchingOptions, ModelRepository
@@ -43,11 +44,6 @@ def read_setting_file(flag: str, path: str) -> bytes:
             return file.read()
     except OSError as exc:
         raise StartupError(f"{flag} {path}: {exc.strerror or exc}") from None
-
-
-def event_loop_name() -> str:
-    module = type(asyncio.get_running_loop()).__module__
-    return "uvloop" if module.startswith("uvloop") else "asyncio"
 
 
 class ClassifierServer:
@@ -139,7 +135,7 @@ class ClassifierServer:
             self._metrics_server = serve_metrics(self.config.metrics_host, self.config.metrics_port, self.registry)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.config.metrics_port)
         log.info("gRPC listening on %s:%d, event loop %s (health NOT_SERVING until models are warm)",
-                 self.config.host, self.port, event_loop_name())
+                 self.config.host, self.port, running_loop_name())
         self._tasks.append(asyncio.ensure_future(self._initial_load()))
         return self.port
 
