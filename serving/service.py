@@ -72,15 +72,21 @@ class InferenceCore:
         self.metrics.phase_latency.labels("decode", served_name, str(version)).observe(seconds)
 
     def top_k(self, outcome: InferenceOutcome, k: int) -> list[list[Classification]]:
-        """Per image, the k most probable classes, highest first; counts images by top-1 class."""
+        """Per image, the k most probable classes, highest first (ties: lower class index first);
+        counts images by top-1 class.
+
+        Python lists, not np.argsort: this runs on the event loop, and numpy lets go of the GIL
+        around every sort, however small, so each call would hand the GIL to a waiting thread
+        (the batcher, gRPC's poller) and stall the loop until it came back (bench/NOTES.md).
+        """
         started = time.perf_counter()
         names = outcome.class_names
-        order = np.argsort(-outcome.probabilities, axis=1, kind="stable")[:, :k]
         results = []
         counter = self.metrics.images
         version = str(outcome.served.version)
-        for row, indices in zip(outcome.probabilities, order):
-            results.append([Classification(int(i), names[i], float(row[i])) for i in indices])
+        for row in outcome.probabilities.tolist():
+            indices = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]  # a stable sort
+            results.append([Classification(i, names[i], row[i]) for i in indices])
             counter.labels(outcome.served.name, version, names[indices[0]]).inc()
         self.metrics.phase_latency.labels("postprocess", outcome.served.name, version).observe(
             time.perf_counter() - started

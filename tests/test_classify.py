@@ -5,9 +5,14 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
+from serving.metrics import ServingMetrics
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
-from tests.conftest import DEFAULT_MODEL, encode, png_image, raw_image
+from serving.repository import ServedVersion, VersionState
+from serving.runtime import OnnxModel, RuntimeOptions
+from serving.service import InferenceCore, InferenceOutcome
+from tests.conftest import DEFAULT_MODEL, SHIPPED_MODELS, encode, png_image, raw_image
 from training.data import CLASS_NAMES
 
 
@@ -133,3 +138,14 @@ def test_a_bad_stream_message_gets_its_own_error_and_the_stream_goes_on(server, 
 
 def test_request_id_is_echoed(server, test_slice):
     assert classify(server, raw_image(test_slice.images[0]), request_id="abc-123").request_id == "abc-123"
+
+
+def test_ranking_puts_the_lower_class_index_first_among_equal_probabilities():
+    directory = SHIPPED_MODELS / DEFAULT_MODEL / "1"
+    served = ServedVersion(DEFAULT_MODEL, 1, directory, VersionState.AVAILABLE,
+                           model=OnnxModel(DEFAULT_MODEL, 1, directory, RuntimeOptions(intra_op_threads=1)))
+    tied = np.array([[0.05, 0.3, 0.05, 0.3, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0],
+                     [0.1] * 10], dtype=np.float32)
+    ranked = InferenceCore(None, ServingMetrics(CollectorRegistry())).top_k(InferenceOutcome(served, tied, None), 4)
+    assert [[c.class_index for c in row] for row in ranked] == [[1, 3, 5, 0], [0, 1, 2, 3]]
+    assert ranked[0][0].probability == float(np.float32(0.3)) and ranked[0][0].label == CLASS_NAMES[1]
