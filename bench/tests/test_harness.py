@@ -100,15 +100,12 @@ def test_the_limit_is_timed_on_every_image_the_servers_get_not_the_first_few(ima
 
 
 def test_patched_server_entries_reach_the_server_and_onnxruntime(monkeypatch):
-    import onnxruntime as ort
-
     import serving.servicer
     from bench import patched_serving
     from serving.config import load_config
     from serving.server import ClassifierServer
 
-    for owner, name in ((ClassifierServer, "_grpc_options"), (ort, "InferenceSession"),
-                        (serving.servicer, "DECODE_INLINE_MAX_BYTES")):
+    for owner, name in ((ClassifierServer, "_grpc_options"), (serving.servicer, "DECODE_INLINE_MAX_BYTES")):
         monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
     captured = {}
     monkeypatch.setattr(patched_serving, "session_entries", captured.update)
