@@ -22,6 +22,8 @@ from training import data as cifar
 
 NATIVE_CLASSIFY = "/cifar10.classifier.v1.Classifier/Classify"
 NATIVE_CLASSIFY_BATCH = "/cifar10.classifier.v1.Classifier/ClassifyBatch"
+NATIVE_CLASSIFY_STREAM = "/cifar10.classifier.v1.Classifier/ClassifyStream"
+STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class Endpoint:
     labels: np.ndarray  # true class of requests[i] (of its first image, for batch requests)
     top1_of: Callable[[bytes], int]  # of the first image, for batch requests
     images_per_request: int = 1
+    # Streaming methods: requests are messages of long-lived streams, and a message that fails
+    # answers in-band; error_of reads (status code name, message) from such an answer, or None.
+    streaming: bool = False
+    error_of: Callable[[bytes], tuple[str, str] | None] | None = None
 
     def accuracy(self, responses: list[tuple[int, bytes]]) -> float:
         """Top-1 agreement with the labels over (request index, response bytes) samples."""
@@ -77,6 +83,24 @@ def native_endpoint(images: cifar.Split, input_form: str, model_name: str = "") 
         return pb.ClassifyResponse.FromString(body).predictions[0].class_index
 
     return Endpoint("native", input_form, NATIVE_CLASSIFY, requests, images.labels, top1_of)
+
+
+def native_stream_endpoint(images: cifar.Split, input_form: str, model_name: str = "") -> Endpoint:
+    """ClassifyStream: the same one-image ClassifyRequest messages as Classify, sent on long-lived
+    streams (the load generator keeps a few in flight per stream); a bad message answers in-band."""
+    unary = native_endpoint(images, input_form, model_name)
+
+    def top1_of(body: bytes) -> int:
+        return pb.ClassifyStreamResponse.FromString(body).response.predictions[0].class_index
+
+    def error_of(body: bytes) -> tuple[str, str] | None:
+        answer = pb.ClassifyStreamResponse.FromString(body)
+        if not answer.error.code:
+            return None
+        return STATUS_NAMES.get(answer.error.code, str(answer.error.code)), answer.error.message
+
+    return Endpoint("native", input_form, NATIVE_CLASSIFY_STREAM, unary.requests, images.labels, top1_of,
+                    streaming=True, error_of=error_of)
 
 
 def health_check_endpoint() -> Endpoint:

@@ -5,11 +5,17 @@ throughput a fixed client population gets). Open loop: requests leave on a fixed
 whatever the answers do; latency counts from the scheduled send time, so a stalled server
 shows up as latency instead of silently slowing the senders (no coordinated omission).
 Only requests that complete inside the measurement window (after the warm-up) count.
+
+Streaming endpoints (ClassifyStream) run closed loop too: `concurrency` is the number of messages
+in flight in all, carried by streams that each keep up to STREAM_DEPTH messages outstanding
+(c=64: 16 streams of 4), the way a client streams frames without waiting for each answer.
+Latency is per message, from its write to its answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import resource
 import sys
 import time
@@ -25,6 +31,7 @@ from bench.endpoints import Endpoint
 CALL_TIMEOUT_S = 30.0
 SAMPLED_RESPONSES = 64  # decoded after the run to check the answers
 MAX_OPEN_LOOP_INFLIGHT = 4096  # beyond this the open loop counts CLIENT_BACKLOG instead of sending
+STREAM_DEPTH = 4  # messages one stream keeps in flight in the streaming closed loop
 
 
 @dataclass
@@ -188,12 +195,55 @@ async def _measure(label: str, mode: str, endpoint: Endpoint, warmup_s: float, d
     return result
 
 
+def stream_depths(concurrency: int) -> list[int]:
+    """Messages in flight per stream, STREAM_DEPTH each, summing to `concurrency`."""
+    full, rest = divmod(concurrency, STREAM_DEPTH)
+    return [STREAM_DEPTH] * full + ([rest] if rest else [])
+
+
+async def _stream_worker(method, endpoint: Endpoint, depth: int, first: int, step: int, window: _Window) -> None:
+    """One stream at a time with up to `depth` messages outstanding; a failed stream's outstanding
+    messages count as errors of its status code and a new stream takes over."""
+    index = first
+    while time.perf_counter() < window.end:
+        call = method()
+        outstanding: collections.deque[tuple[int, float]] = collections.deque()
+        slots = asyncio.Semaphore(depth)
+
+        async def write() -> None:
+            nonlocal index
+            while time.perf_counter() < window.end:
+                await slots.acquire()
+                outstanding.append((index, time.perf_counter()))
+                await call.write(endpoint.requests[index % len(endpoint.requests)])
+                index += step
+            await call.done_writing()
+
+        writer = asyncio.ensure_future(write())
+        try:
+            while (body := await call.read()) is not grpc.aio.EOF:
+                sent_index, sent = outstanding.popleft()
+                slots.release()
+                failure = endpoint.error_of(body) if endpoint.error_of else None
+                if failure:
+                    window.record(sent_index, sent, None, *failure)
+                else:
+                    window.record(sent_index, sent, body, None)
+            await writer
+        except grpc.aio.AioRpcError as exc:
+            for sent_index, sent in outstanding:
+                window.record(sent_index, sent, None, exc.code().name, exc.details() or "")
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+
 async def closed_loop(channel: grpc.aio.Channel, endpoint: Endpoint, concurrency: int, duration_s: float,
                       warmup_s: float, label: str = "", progress: bool = True,
                       server_cpu: CpuClock | None = None) -> LoadResult:
-    call = _call_of(channel, endpoint)
+    async def drive_calls(window: _Window) -> None:
+        call = _call_of(channel, endpoint)
 
-    async def drive(window: _Window) -> None:
         async def worker(first: int) -> None:
             index = first
             while time.perf_counter() < window.end:
@@ -202,13 +252,22 @@ async def closed_loop(channel: grpc.aio.Channel, endpoint: Endpoint, concurrency
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
 
-    return await _measure(label or f"closed c={concurrency}", "closed", endpoint, warmup_s, duration_s, drive,
-                          progress, server_cpu, concurrency=concurrency)
+    async def drive_streams(window: _Window) -> None:
+        method = channel.stream_stream(endpoint.method)  # bytes in, bytes out, as for unary calls
+        depths = stream_depths(concurrency)
+        await asyncio.gather(*(_stream_worker(method, endpoint, depth, first, len(depths), window)
+                               for first, depth in enumerate(depths)))
+
+    return await _measure(label or f"closed c={concurrency}", "closed", endpoint, warmup_s, duration_s,
+                          drive_streams if endpoint.streaming else drive_calls, progress, server_cpu,
+                          concurrency=concurrency)
 
 
 async def open_loop(channel: grpc.aio.Channel, endpoint: Endpoint, rate: float, duration_s: float,
                     warmup_s: float, label: str = "", progress: bool = True,
                     server_cpu: CpuClock | None = None) -> LoadResult:
+    if endpoint.streaming:
+        raise ValueError("the open loop sends unary calls; streaming endpoints run closed loop only")
     call = _call_of(channel, endpoint)
 
     async def drive(window: _Window) -> None:

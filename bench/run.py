@@ -5,6 +5,8 @@ Rows (each a separate server process; the load generator is this process):
   grpc-floor   our server's grpc.health.v1 Check: what one gRPC round trip costs, no inference
   ours-raw     our server, native Classify, raw uint8 pixels (closed loop + open loop)
   ours-png     our server, native Classify, PNG bytes
+  ours-stream  our server, native ClassifyStream, raw pixels, one image per message (c = messages in flight)
+  ours-stream-png  the same with PNG bytes
   ours-batch32 our server, native ClassifyBatch of 32 raw images per call (client-side batching)
   ours-v2      our server, V2 ModelInfer (only when the server offers inference.GRPCInferenceService)
   mlserver-v2  the peer: MLServer 1.7.1 + onnxruntime custom runtime, adaptive batching (closed + open loop)
@@ -31,8 +33,8 @@ import onnxruntime as ort
 from bench import limit as raw_limit
 from bench import report, v2proto
 from bench.endpoints import (Endpoint, cifar_test_images, health_check_endpoint, native_batch_endpoint, native_endpoint,
-                             v2_endpoint)
-from bench.loadgen import LoadResult, closed_loop, open_loop
+                             native_stream_endpoint, v2_endpoint)
+from bench.loadgen import STREAM_DEPTH, LoadResult, closed_loop, open_loop
 from bench.servers import MLSERVER_VENV, REPO_ROOT, MLServerPeer, OurServer
 
 MODELS = REPO_ROOT / "models"
@@ -211,13 +213,17 @@ class Bench:
             if "grpc-floor" not in self.skip:
                 scenario = self._scenario("grpc-floor", "ours, grpc.health.v1 Check: the per-call floor, no inference")
                 self.drive(scenario, server, health_check_endpoint(), None, None, (1, 64))
-            rows = [("ours-raw", "ours, native, raw pixels", "raw", self.args.open_rate),
-                    ("ours-png", "ours, native, PNG", "png", None)]
-            for key, title, form, rate in rows:
+            rows = [("ours-raw", "ours, native, raw pixels", native_endpoint(self.images, "raw"), self.args.open_rate),
+                    ("ours-png", "ours, native, PNG", native_endpoint(self.images, "png"), None),
+                    ("ours-stream", f"ours, native ClassifyStream, raw pixels, one image per message, streams of "
+                                    f"{STREAM_DEPTH} in flight", native_stream_endpoint(self.images, "raw"), None),
+                    ("ours-stream-png", "ours, native ClassifyStream, PNG, as ours-stream",
+                     native_stream_endpoint(self.images, "png"), None)]
+            for key, title, endpoint, rate in rows:
                 if key in self.skip:
                     continue
                 scenario = self._scenario(key, title)
-                self.drive(scenario, server, native_endpoint(self.images, form), rate, FP32_MODEL)
+                self.drive(scenario, server, endpoint, rate, FP32_MODEL)
             if BATCH_ROW not in self.skip:
                 scenario = self._scenario(BATCH_ROW, f"ours, native ClassifyBatch of {BATCH_ROW_IMAGES} raw images")
                 self.drive(scenario, server, native_batch_endpoint(self.images, BATCH_ROW_IMAGES), None, FP32_MODEL,
