@@ -8,7 +8,7 @@ its CPU on gRPC, not protobuf: on a 2-core machine the client shares the cores w
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -85,10 +85,10 @@ def native_endpoint(images: cifar.Split, input_form: str, model_name: str = "") 
     return Endpoint("native", input_form, NATIVE_CLASSIFY, requests, images.labels, top1_of)
 
 
-def native_stream_endpoint(images: cifar.Split, input_form: str, model_name: str = "") -> Endpoint:
-    """ClassifyStream: the same one-image ClassifyRequest messages as Classify, sent on long-lived
-    streams (the load generator keeps a few in flight per stream); a bad message answers in-band."""
-    unary = native_endpoint(images, input_form, model_name)
+def native_stream_endpoint(unary: Endpoint) -> Endpoint:
+    """ClassifyStream with the very ClassifyRequest messages of a native Classify endpoint, sent on
+    long-lived streams (the load generator keeps a few in flight per stream); a bad message answers
+    in-band."""
 
     def top1_of(body: bytes) -> int:
         return pb.ClassifyStreamResponse.FromString(body).response.predictions[0].class_index
@@ -99,8 +99,7 @@ def native_stream_endpoint(images: cifar.Split, input_form: str, model_name: str
             return None
         return STATUS_NAMES.get(answer.error.code, str(answer.error.code)), answer.error.message
 
-    return Endpoint("native", input_form, NATIVE_CLASSIFY_STREAM, unary.requests, images.labels, top1_of,
-                    streaming=True, error_of=error_of)
+    return replace(unary, method=NATIVE_CLASSIFY_STREAM, top1_of=top1_of, streaming=True, error_of=error_of)
 
 
 def health_check_endpoint() -> Endpoint:

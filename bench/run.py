@@ -213,12 +213,12 @@ class Bench:
             if "grpc-floor" not in self.skip:
                 scenario = self._scenario("grpc-floor", "ours, grpc.health.v1 Check: the per-call floor, no inference")
                 self.drive(scenario, server, health_check_endpoint(), None, None, (1, 64))
-            rows = [("ours-raw", "ours, native, raw pixels", native_endpoint(self.images, "raw"), self.args.open_rate),
-                    ("ours-png", "ours, native, PNG", native_endpoint(self.images, "png"), None),
+            raw, png = native_endpoint(self.images, "raw"), native_endpoint(self.images, "png")
+            rows = [("ours-raw", "ours, native, raw pixels", raw, self.args.open_rate),
+                    ("ours-png", "ours, native, PNG", png, None),
                     ("ours-stream", f"ours, native ClassifyStream, raw pixels, one image per message, streams of "
-                                    f"{STREAM_DEPTH} in flight", native_stream_endpoint(self.images, "raw"), None),
-                    ("ours-stream-png", "ours, native ClassifyStream, PNG, as ours-stream",
-                     native_stream_endpoint(self.images, "png"), None)]
+                                    f"{STREAM_DEPTH} in flight", native_stream_endpoint(raw), None),
+                    ("ours-stream-png", "ours, native ClassifyStream, PNG, as ours-stream", native_stream_endpoint(png), None)]
             for key, title, endpoint, rate in rows:
                 if key in self.skip:
                     continue

@@ -68,8 +68,8 @@ def test_batch_endpoint_counts_every_image_of_a_call_and_the_server_batches_them
 
 def test_stream_closed_loop_counts_every_answered_message_and_the_server_batches_them(server, images):
     before = server.batch_sizes(FP32_MODEL)
-    result = drive(server.target, lambda ch: closed_loop(ch, native_stream_endpoint(images, "raw"), 8, 1.5, 0.3,
-                                                         progress=False))
+    endpoint = native_stream_endpoint(native_endpoint(images, "raw"))
+    result = drive(server.target, lambda ch: closed_loop(ch, endpoint, 8, 1.5, 0.3, progress=False))
     formed = server.batch_sizes(FP32_MODEL).minus(before)
     assert result.ok > 10 and result.errors == {}
     assert formed.total >= result.ok
@@ -78,7 +78,7 @@ def test_stream_closed_loop_counts_every_answered_message_and_the_server_batches
 
 
 def test_stream_messages_answered_with_an_in_band_error_count_as_errors_of_that_code(server, images):
-    good = native_stream_endpoint(images, "raw")
+    good = native_stream_endpoint(native_endpoint(images, "raw"))
     bad = Endpoint("native", "raw", good.method, [b"\x0a\x04\x12\x02\x0a\x00"], good.labels, good.top1_of,
                    streaming=True, error_of=good.error_of)  # empty raw pixels
     result = drive(server.target, lambda ch: closed_loop(ch, bad, 4, 0.5, 0.1, progress=False))
