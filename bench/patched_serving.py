@@ -5,6 +5,8 @@ Keys: onnxruntime session config entries (`session.intra_op.allow_spinning=0`, .
 - `sys.switchinterval=SECONDS`: the GIL hand-off interval (Python's default 0.005);
 - `grpc_option.NAME=VALUE`: an extra gRPC server channel argument (`grpc.optimization_target`);
 - `inference_nice=N`: the batcher and onnxruntime threads at nice N (a negative N needs root);
+- `worker_nice=N`: only onnxruntime's own intra-op worker threads at nice N (the batcher thread,
+  which runs its share of each operator too, stays at 0);
 - `decode_inline_max_bytes=N`: encoded images above N bytes decode in a thread (the default 64 KiB).
 
 Used only by bench/tune.py, never for a benchmark row: it measures what a change to serving/
@@ -56,6 +58,33 @@ def inference_nice(nice: str) -> None:
     ModelRepository.scan = scan_at_nice  # type: ignore[method-assign]
 
 
+def worker_nice(nice: str) -> None:
+    """Only onnxruntime's own intra-op threads at nice N: the session is created in a
+    short-lived thread at that nice, and the threads it spawns inherit it."""
+    import threading
+
+    plain_session = ort.InferenceSession
+
+    def session_from_nice_thread(*args, **kwargs):
+        made: dict = {}
+
+        def create() -> None:
+            os.setpriority(os.PRIO_PROCESS, 0, int(nice))
+            try:
+                made["session"] = plain_session(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                made["error"] = exc
+
+        thread = threading.Thread(target=create)
+        thread.start()
+        thread.join()
+        if "error" in made:
+            raise made["error"]
+        return made["session"]
+
+    ort.InferenceSession = session_from_nice_thread  # type: ignore[misc]
+
+
 def decode_inline_max_bytes(size: str) -> None:
     import serving.servicer
 
@@ -66,6 +95,7 @@ PATCHES: dict[str, Callable[[str], None]] = {
     "sys.switchinterval": switch_interval,
     "inference_nice": inference_nice,
     "decode_inline_max_bytes": decode_inline_max_bytes,
+    "worker_nice": worker_nice,
 }
 GRPC_OPTION = "grpc_option."
 

@@ -49,6 +49,9 @@ VARIANTS: dict[str, list[str]] = {
     "gRPC optimization_target latency (patched)": ["grpc_option.grpc.optimization_target=latency", "--"],
     # Needs root (a negative nice); the batcher and onnxruntime threads inherit it from the scan.
     "batcher + onnxruntime threads at nice -5 (patched)": ["inference_nice=-5", "--"],
+    "batcher + onnxruntime threads at nice 10 (patched)": ["inference_nice=10", "--"],
+    "onnxruntime's worker thread only at nice 10 (patched)": ["worker_nice=10", "--"],
+    "onnxruntime dynamic block base 4 (patched)": ["session.dynamic_block_base=4", "--"],
     # Meaningful with --input png: every encoded image decoded in a thread, not only large ones.
     "every PNG decoded in a thread (patched)": ["decode_inline_max_bytes=0", "--"],
     "spinning off (patched) + --intra-op-threads 1": ["session.intra_op.allow_spinning=0", "--",
