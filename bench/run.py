@@ -9,7 +9,8 @@ Rows (each a separate server process; the load generator is this process):
   ours-stream-png  the same with PNG bytes
   ours-batch32 our server, native ClassifyBatch of 32 raw images per call (client-side batching)
   ours-v2      our server, V2 ModelInfer (only when the server offers inference.GRPCInferenceService)
-  mlserver-v2  the peer: MLServer 1.7.1 + onnxruntime custom runtime, adaptive batching (closed + open loop)
+  mlserver-v2  the peer: MLServer 1.7.1 + onnxruntime custom runtime, adaptive batching (closed + open loop);
+               up at the same time as ours, its points interleaved with ours-v2's (AB, BA, ...)
   naive-raw    our server with --max-batch-size 1: one onnxruntime call per request
   int8-raw     our server on models/cifar10-int8 (only when present), against its own limit
 """
@@ -127,6 +128,21 @@ def bench_repository(work: Path, model: str) -> Path:
     return repository
 
 
+@dataclass(frozen=True)
+class Row:
+    """One row's load against one server: where its points go and whose batches they form."""
+
+    scenario: Scenario
+    server: object  # OurServer or MLServerPeer
+    endpoint: Endpoint
+    batch_model: str | None  # our model whose classifier_batch_size to read (None: the peer)
+
+
+def interleaved(points: list, rows: list) -> list[tuple]:
+    """Every point for every row, the rows' order alternating point by point (AB, BA, AB, ...)."""
+    return [(point, row) for i, point in enumerate(points) for row in (rows if i % 2 == 0 else rows[::-1])]
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -142,23 +158,34 @@ class Bench:
 
     # --- drivers -------------------------------------------------------------------------------
 
+    def _points(self, open_rate: float | None, concurrencies: tuple[int, ...] | None) -> list[tuple[str, int | float]]:
+        points: list[tuple[str, int | float]] = [("closed", c) for c in (concurrencies or self.plan.concurrencies)]
+        if open_rate:
+            points.append(("open", open_rate))
+        return points
+
     def drive(self, scenario: Scenario, server, endpoint: Endpoint, open_rate: float | None = None,
               batch_model: str | None = None, concurrencies: tuple[int, ...] | None = None) -> None:
         """Closed loop at every concurrency (and open loop at open_rate) against one server."""
-        plan = self.plan
-        points: list[tuple[str, int | float]] = [("closed", c) for c in (concurrencies or plan.concurrencies)]
-        if open_rate:
-            points.append(("open", open_rate))
-        for mode, value in points:
-            label = f"{scenario.key} c={value}" if mode == "closed" else f"{scenario.key} open {value:g}/s"
-            before = server.batch_sizes(batch_model) if batch_model else None
-            result = asyncio.run(self._one_run(server, endpoint, mode, value, label))
-            if before is not None:
-                formed = server.batch_sizes(batch_model).minus(before)
-                scenario.batch_sizes[label] = {"mean": round(formed.mean, 2), "batches": formed.distribution()}
-                result.extra["mean_batch"] = round(formed.mean, 2)
-            result.extra["server_rss_mb"] = round(server.rss_bytes() / 2**20, 1)
-            scenario.runs.append(result)
+        for mode, value in self._points(open_rate, concurrencies):
+            self._drive_point(Row(scenario, server, endpoint, batch_model), mode, value)
+
+    def drive_side_by_side(self, rows: list["Row"], open_rate: float | None = None) -> None:
+        """The same points against servers that are all up at once, interleaved point by point."""
+        for (mode, value), row in interleaved(self._points(open_rate, None), rows):
+            self._drive_point(row, mode, value)
+
+    def _drive_point(self, row: "Row", mode: str, value: int | float) -> None:
+        scenario, server = row.scenario, row.server
+        label = f"{scenario.key} c={value}" if mode == "closed" else f"{scenario.key} open {value:g}/s"
+        before = server.batch_sizes(row.batch_model) if row.batch_model else None
+        result = asyncio.run(self._one_run(server, row.endpoint, mode, value, label))
+        if before is not None:
+            formed = server.batch_sizes(row.batch_model).minus(before)
+            scenario.batch_sizes[label] = {"mean": round(formed.mean, 2), "batches": formed.distribution()}
+            result.extra["mean_batch"] = round(formed.mean, 2)
+        result.extra["server_rss_mb"] = round(server.rss_bytes() / 2**20, 1)
+        scenario.runs.append(result)
 
     async def _one_run(self, server, endpoint: Endpoint, mode: str, value, label: str) -> LoadResult:
         options = [("grpc.max_receive_message_length", 64 * 2**20)]
@@ -240,25 +267,48 @@ class Bench:
                 scenario = self._scenario(BATCH_ROW, f"ours, native ClassifyBatch of {BATCH_ROW_IMAGES} raw images")
                 self.drive(scenario, server, native_batch_endpoint(self.images, BATCH_ROW_IMAGES), None, FP32_MODEL,
                            self.plan.batch_concurrencies)
-            if "ours-v2" not in self.skip:
-                self._ours_v2(server)
+            self._v2_rows(server)
         finally:
             self._record_server("ours", server, final=True)
             server.stop()
 
-    def _ours_v2(self, server: OurServer) -> None:
-        v2 = self._v2_messages()
-        with grpc.insecure_channel(server.target) as channel:
-            try:
-                endpoint = v2_endpoint(self.images, channel, FP32_MODEL, v2)
-            except grpc.RpcError as exc:
-                note = (f"ours-v2 skipped: our server does not answer {v2proto.SERVICE} "
-                        f"({exc.code().name}); the row appears once serving/v2_servicer.py is registered")
-                print("  " + note, flush=True)
-                self.results["notes"].append(note)
-                return
-        scenario = self._scenario("ours-v2", "ours, V2 ModelInfer, raw")
-        self.drive(scenario, server, endpoint, self.args.open_rate, FP32_MODEL)
+    def _v2_rows(self, ours: OurServer) -> None:
+        """ours-v2 and the peer side by side: both servers up, their points interleaved, so the
+        peer ratio compares the same minutes of a machine whose speed drifts (bench/NOTES.md)."""
+        rows = []
+        if "ours-v2" not in self.skip:
+            with grpc.insecure_channel(ours.target) as channel:
+                try:
+                    endpoint = v2_endpoint(self.images, channel, FP32_MODEL, self._v2_messages())
+                    rows.append(Row(self._scenario("ours-v2", "ours, V2 ModelInfer, raw"), ours, endpoint, FP32_MODEL))
+                except grpc.RpcError as exc:
+                    note = (f"ours-v2 skipped: our server does not answer {v2proto.SERVICE} "
+                            f"({exc.code().name}); the row appears once serving/v2_servicer.py is registered")
+                    print("  " + note, flush=True)
+                    self.results["notes"].append(note)
+        peer = self._start_peer() if "mlserver-v2" not in self.skip else None
+        try:
+            if peer is not None:
+                with grpc.insecure_channel(peer.target) as channel:
+                    endpoint = v2_endpoint(self.images, channel, FP32_MODEL, self._v2_messages())
+                scenario = self._scenario("mlserver-v2", "MLServer 1.7.1, V2 ModelInfer, raw (adaptive batching)")
+                rows.append(Row(scenario, peer, endpoint, None))
+            self.drive_side_by_side(rows, self.args.open_rate)
+        finally:
+            if peer is not None:
+                self._record_server("mlserver", peer, final=True)
+                peer.stop()
+
+    def _start_peer(self) -> MLServerPeer:
+        if not (MLSERVER_VENV / "bin" / "mlserver").exists():
+            raise SystemExit(f"MLServer is not installed in {MLSERVER_VENV}: run `make bench-venvs` (or --skip mlserver-v2)")
+        peer = MLServerPeer(self.work / "mlserver.log", newest_version(FP32_MODEL), self.work,
+                            intra_op_threads=self.args.threads, max_batch_time_s=self.args.peer_batch_time_ms / 1000,
+                            parallel_workers=self.args.peer_workers)
+        peer.start()
+        self._record_server("mlserver", peer)
+        print(f"  mlserver: ready in {peer.startup_s:.2f} s", flush=True)
+        return peer
 
     def naive(self) -> None:
         server = self.our_server("naive", FP32_MODEL, "--max-batch-size", "1")
@@ -282,24 +332,6 @@ class Bench:
             self._record_server("int8", server, final=True)
         finally:
             server.stop()
-
-    def mlserver(self) -> None:
-        if not (MLSERVER_VENV / "bin" / "mlserver").exists():
-            raise SystemExit(f"MLServer is not installed in {MLSERVER_VENV}: run `make bench-venvs` (or --skip mlserver-v2)")
-        peer = MLServerPeer(self.work / "mlserver.log", newest_version(FP32_MODEL), self.work,
-                            intra_op_threads=self.args.threads, max_batch_time_s=self.args.peer_batch_time_ms / 1000,
-                            parallel_workers=self.args.peer_workers)
-        peer.start()
-        self._record_server("mlserver", peer)
-        print(f"  mlserver: ready in {peer.startup_s:.2f} s", flush=True)
-        try:
-            with grpc.insecure_channel(peer.target) as channel:
-                endpoint = v2_endpoint(self.images, channel, FP32_MODEL, self._v2_messages())
-            scenario = self._scenario("mlserver-v2", "MLServer 1.7.1, V2 ModelInfer, raw (adaptive batching)")
-            self.drive(scenario, peer, endpoint, self.args.open_rate)
-            self._record_server("mlserver", peer, final=True)
-        finally:
-            peer.stop()
 
     # --- bookkeeping ---------------------------------------------------------------------------
 
@@ -328,8 +360,7 @@ class Bench:
             print("WARNING: a training run (training.train) is using the CPU: these timings are NOT valid", flush=True)
         began = time.perf_counter()
         steps = [("limit", self.limits), ("startup", self.startup), ("ours", self.ours),
-                 ("limit-after-rows", self.limit_after_rows),
-                 ("mlserver-v2", self.mlserver), ("naive-raw", self.naive), ("int8-raw", self.int8)]
+                 ("limit-after-rows", self.limit_after_rows), ("naive-raw", self.naive), ("int8-raw", self.int8)]
         for name, step in steps:
             if name not in self.skip:
                 print(f"== {name}", flush=True)

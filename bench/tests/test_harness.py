@@ -17,7 +17,7 @@ from bench import limit, report, v2proto
 from bench.endpoints import (Endpoint, cifar_test_images, native_batch_endpoint, native_endpoint,
                              native_stream_endpoint, v2_endpoint)
 from bench.loadgen import closed_loop, open_loop, stream_depths
-from bench.run import FP32_MODEL, bench_repository
+from bench.run import FP32_MODEL, bench_repository, interleaved
 from bench.servers import MLSERVER_VENV, BatchSizes, MLServerPeer, OurServer, REPO_ROOT
 
 IMAGES = 64
@@ -180,6 +180,15 @@ def test_worker_nice_lowers_only_the_threads_the_session_spawns(monkeypatch):
     assert session.get_inputs()
     assert spawned and set(spawned.values()) == {7}  # onnxruntime's worker, at the given nice
     assert os.getpriority(os.PRIO_PROCESS, 0) == before[str(os.getpid())] == 0  # not the caller's thread
+
+
+def test_side_by_side_rows_take_turns_point_by_point_leading_in_alternation():
+    points = [("closed", 1), ("closed", 16), ("closed", 64), ("open", 200)]
+    order = interleaved(points, ["ours-v2", "mlserver-v2"])
+    assert order == [(("closed", 1), "ours-v2"), (("closed", 1), "mlserver-v2"),
+                     (("closed", 16), "mlserver-v2"), (("closed", 16), "ours-v2"),
+                     (("closed", 64), "ours-v2"), (("closed", 64), "mlserver-v2"),
+                     (("open", 200), "mlserver-v2"), (("open", 200), "ours-v2")]
 
 
 def test_batch_size_distribution_is_per_bucket_not_cumulative():
