@@ -133,7 +133,7 @@ class Row:
     """One row's load against one server: where its points go and whose batches they form."""
 
     scenario: Scenario
-    server: object  # OurServer or MLServerPeer
+    server: OurServer | MLServerPeer
     endpoint: Endpoint
     batch_model: str | None  # our model whose classifier_batch_size to read (None: the peer)
 
