@@ -170,12 +170,12 @@ class Bench:
         for mode, value in self._points(open_rate, concurrencies):
             self._drive_point(Row(scenario, server, endpoint, batch_model), mode, value)
 
-    def drive_side_by_side(self, rows: list["Row"], open_rate: float | None = None) -> None:
+    def drive_side_by_side(self, rows: list[Row], open_rate: float | None = None) -> None:
         """The same points against servers that are all up at once, interleaved point by point."""
         for (mode, value), row in interleaved(self._points(open_rate, None), rows):
             self._drive_point(row, mode, value)
 
-    def _drive_point(self, row: "Row", mode: str, value: int | float) -> None:
+    def _drive_point(self, row: Row, mode: str, value: int | float) -> None:
         scenario, server = row.scenario, row.server
         label = f"{scenario.key} c={value}" if mode == "closed" else f"{scenario.key} open {value:g}/s"
         before = server.batch_sizes(row.batch_model) if row.batch_model else None
@@ -275,22 +275,26 @@ class Bench:
     def _v2_rows(self, ours: OurServer) -> None:
         """ours-v2 and the peer side by side: both servers up, their points interleaved, so the
         peer ratio compares the same minutes of a machine whose speed drifts (bench/NOTES.md)."""
+        want_ours, want_peer = "ours-v2" not in self.skip, "mlserver-v2" not in self.skip
+        if not (want_ours or want_peer):
+            return
+        v2 = self._v2_messages()
         rows = []
-        if "ours-v2" not in self.skip:
+        if want_ours:
             with grpc.insecure_channel(ours.target) as channel:
                 try:
-                    endpoint = v2_endpoint(self.images, channel, FP32_MODEL, self._v2_messages())
+                    endpoint = v2_endpoint(self.images, channel, FP32_MODEL, v2)
                     rows.append(Row(self._scenario("ours-v2", "ours, V2 ModelInfer, raw"), ours, endpoint, FP32_MODEL))
                 except grpc.RpcError as exc:
                     note = (f"ours-v2 skipped: our server does not answer {v2proto.SERVICE} "
                             f"({exc.code().name}); the row appears once serving/v2_servicer.py is registered")
                     print("  " + note, flush=True)
                     self.results["notes"].append(note)
-        peer = self._start_peer() if "mlserver-v2" not in self.skip else None
+        peer = self._start_peer() if want_peer else None
         try:
             if peer is not None:
                 with grpc.insecure_channel(peer.target) as channel:
-                    endpoint = v2_endpoint(self.images, channel, FP32_MODEL, self._v2_messages())
+                    endpoint = v2_endpoint(self.images, channel, FP32_MODEL, v2)
                 scenario = self._scenario("mlserver-v2", "MLServer 1.7.1, V2 ModelInfer, raw (adaptive batching)")
                 rows.append(Row(scenario, peer, endpoint, None))
             self.drive_side_by_side(rows, self.args.open_rate)
