@@ -167,8 +167,9 @@ class Bench:
     def drive(self, scenario: Scenario, server, endpoint: Endpoint, open_rate: float | None = None,
               batch_model: str | None = None, concurrencies: tuple[int, ...] | None = None) -> None:
         """Closed loop at every concurrency (and open loop at open_rate) against one server."""
+        row = Row(scenario, server, endpoint, batch_model)
         for mode, value in self._points(open_rate, concurrencies):
-            self._drive_point(Row(scenario, server, endpoint, batch_model), mode, value)
+            self._drive_point(row, mode, value)
 
     def drive_side_by_side(self, rows: list[Row], open_rate: float | None = None) -> None:
         """The same points against servers that are all up at once, interleaved point by point."""
