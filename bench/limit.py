@@ -63,26 +63,39 @@ def batches_of(images: np.ndarray, size: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(cycled[start:start + size]) for start in range(0, count, size)]
 
 
-def measure(model_path: Path, images: np.ndarray, intra_op_threads: int, seconds_per_size: float,
-            batch_sizes: tuple[int, ...] = BATCH_SIZES, label: str = "") -> LimitResult:
-    runner = session(model_path, intra_op_threads)
-    input_name, output_name = runner.get_inputs()[0].name, runner.get_outputs()[0].name
-    per_batch = {}
-    for size in batch_sizes:
-        batches = batches_of(images, size)
+class LimitTimer:
+    """One session over the image set, kept open so that a batch size can be timed more than once
+    (the paired rounds time it again beside each server point)."""
+
+    def __init__(self, model_path: Path, images: np.ndarray, intra_op_threads: int):
+        self.runner = session(model_path, intra_op_threads)
+        self.images = images
+        self.input_name, self.output_name = self.runner.get_inputs()[0].name, self.runner.get_outputs()[0].name
+
+    def time(self, size: int, seconds: float) -> dict[str, float]:
+        """Back-to-back runs of batch `size` for `seconds` (at least 5): img/s, p50 and p99 per run."""
+        batches = batches_of(self.images, size)
         for batch in batches[:3]:  # warm-up: first runs of a shape allocate
-            runner.run([output_name], {input_name: batch})
+            self.runner.run([self.output_name], {self.input_name: batch})
         times = []
         began = time.perf_counter()
-        while time.perf_counter() - began < seconds_per_size or len(times) < 5:
+        while time.perf_counter() - began < seconds or len(times) < 5:
             batch = batches[len(times) % len(batches)]
             t0 = time.perf_counter()
-            runner.run([output_name], {input_name: batch})
+            self.runner.run([self.output_name], {self.input_name: batch})
             times.append(time.perf_counter() - t0)
         elapsed = np.asarray(times)
-        per_batch[size] = {"throughput": size * len(elapsed) / elapsed.sum(),
-                           "p50_ms": float(np.percentile(elapsed, 50) * 1000),
-                           "p99_ms": float(np.percentile(elapsed, 99) * 1000)}
+        return {"throughput": size * len(elapsed) / elapsed.sum(),
+                "p50_ms": float(np.percentile(elapsed, 50) * 1000),
+                "p99_ms": float(np.percentile(elapsed, 99) * 1000)}
+
+
+def measure(model_path: Path, images: np.ndarray, intra_op_threads: int, seconds_per_size: float,
+            batch_sizes: tuple[int, ...] = BATCH_SIZES, label: str = "") -> LimitResult:
+    timer = LimitTimer(model_path, images, intra_op_threads)
+    per_batch = {}
+    for size in batch_sizes:
+        per_batch[size] = timer.time(size, seconds_per_size)
         print(f"  limit {label or model_path}: batch {size:4d}: {per_batch[size]['throughput']:8.1f} img/s  "
               f"p50 {per_batch[size]['p50_ms']:7.2f} ms", flush=True)
     return LimitResult(str(model_path), intra_op_threads, per_batch)
