@@ -13,7 +13,7 @@ Rows (each a separate server process; the load generator is this process):
                up at the same time as ours, its points interleaved with ours-v2's (AB, BA, ...)
   naive-raw    our server with --max-batch-size 1: one onnxruntime call per request
   int8-raw     our server on models/cifar10-int8 (only when present), against its own limit
-  paired       the targets' points again (ours-raw c=1, every one-image row at c=64), each timed right
+  paired       the targets' points again (ours-raw and ours-stream at c=1, every one-image row at c=64), each timed right
                beside a fresh timing of the limit, leading in alternation, for a few rounds: the
                verdicts take the median of these same-minute ratios (bench/README.md)
 """
@@ -72,7 +72,7 @@ PLANS = {
 # The points the targets judge, timed again beside the limit: (row, concurrency). The limit side
 # runs batch 1 beside concurrency 1 and its best batch beside the saturation points.
 PAIRED_POINTS: tuple[tuple[str, int], ...] = (
-    ("ours-raw", 1), ("ours-raw", 64), ("ours-png", 64), ("ours-stream", 64), ("ours-stream-png", 64))
+    ("ours-raw", 1), ("ours-stream", 1), ("ours-raw", 64), ("ours-png", 64), ("ours-stream", 64), ("ours-stream-png", 64))
 PAIRED_WARMUP_S = 1.0
 
 

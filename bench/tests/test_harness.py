@@ -270,13 +270,18 @@ def test_paired_rounds_decide_a_target_by_their_median_not_by_the_one_pass_ratio
             # c=1: gaps +1.2, +0.8, +1.1 -> median +1.1 ms, missed although one pass says 2.5 vs 1.0 + 1
             pair("ours-raw", 1, (300, 2.2), (600, 1.0)), pair("ours-raw", 1, (300, 1.8), (600, 1.0)),
             pair("ours-raw", 1, (300, 2.1), (600, 1.0)),
+            # ours-stream c=1: gaps +0.6, +1.4, +0.9 -> median +0.9 ms, met
+            pair("ours-stream", 1, (400, 1.6), (600, 1.0)), pair("ours-stream", 1, (400, 2.4), (600, 1.0)),
+            pair("ours-stream", 1, (400, 1.9), (600, 1.0)),
         ]},
     }
-    raw, stream, first = report.targets(results)
+    raw, stream, first, stream_first = report.targets(results)
     assert raw["met"] and raw["measured"].startswith("median of 3 paired rounds at c=64 82% (82%, 79%, 85%)")
     assert "one pass 700 / 1000 img/s = 70%" in raw["measured"]
     assert not stream["met"] and "78%" in stream["measured"].split("(")[0]
     assert not first["met"] and first["measured"].startswith("median gap of 3 paired rounds +1.10 ms")
+    assert stream_first["met"] and stream_first["target"].startswith("ours-stream p50 at concurrency 1")
+    assert stream_first["measured"].startswith("median gap of 3 paired rounds +0.90 ms (+0.60, +1.40, +0.90)")
     assert "| ours-raw | 64 | 0 | limit | 64 | 1,000.0 | 60.00 | 820.0 | 50.00 | 82% | -10.00 | 0 |" in \
         report.paired_table(results)
 
