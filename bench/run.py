@@ -13,9 +13,9 @@ Rows (each a separate server process; the load generator is this process):
                up at the same time as ours, its points interleaved with ours-v2's (AB, BA, ...)
   naive-raw    our server with --max-batch-size 1: one onnxruntime call per request
   int8-raw     our server on models/cifar10-int8 (only when present), against its own limit
-  paired       the targets' points again (ours-raw and ours-stream at c=1, every one-image row at c=64), each timed right
-               beside a fresh timing of the limit, leading in alternation, for a few rounds: the
-               verdicts take the median of these same-minute ratios (bench/README.md)
+  paired       the targets' points again (ours-raw and ours-stream at c=1, every one-image row at
+               c=64), each timed right beside a fresh timing of the limit, leading in alternation,
+               for a few rounds: the verdicts take the median of these same-minute ratios
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ class Bench:
 
         One pass compares points that lie minutes apart, and this machine's speed drifts by 10-15%
         within minutes; a pair timed back to back shares its minute, and the median over the
-        rounds is what the targets judge (report.paired_verdicts).
+        rounds is what the targets judge (report.targets).
         """
         limit = self.results["limits"].get(FP32_MODEL)
         path = newest_version(FP32_MODEL) / MODEL_FILE
