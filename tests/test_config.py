@@ -47,6 +47,7 @@ def test_json_logs_carry_one_access_line_per_request(start_server):
     srv = start_server("--log-format", "json")
     pixels = np.zeros((32, 32, 3), np.uint8)
     srv.stub.Classify(pb.ClassifyRequest(image=raw_image(pixels), request_id="json-1"), timeout=10)
+    srv.wait_until("the access line", lambda: '"json-1"' in srv.log(), timeout=5)  # written after the answer
     lines = [json.loads(line) for line in srv.log().splitlines() if line.startswith("{")]
     access = [line for line in lines if line.get("request_id") == "json-1"]
     assert len(access) == 1

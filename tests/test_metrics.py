@@ -24,6 +24,9 @@ def traffic(start_server, test_slice):
     srv.stub.ClassifyBatch(pb.ClassifyBatchRequest(images=[raw_image(p) for p in test_slice.images[:5]]), timeout=10)
     with pytest.raises(grpc.RpcError):
         srv.stub.Classify(pb.ClassifyRequest(image=pb.Image(encoded=b"junk")), timeout=10)
+    # A call is counted just after its answer has gone out, so the last one may still be on its way.
+    srv.wait_until("all 9 calls counted", lambda: srv.metric("classifier_request_duration_seconds_count") >= 9,
+                   timeout=5)
     return srv
 
 

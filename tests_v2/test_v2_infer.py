@@ -145,5 +145,7 @@ def test_v2_calls_are_counted_under_protocol_v2(server, metadata, test_slice):
     before = server.metric("classifier_requests_total", method="ModelInfer", protocol="v2", code="OK")
     images_before = server.metric("classifier_images_classified_total", model=MODEL)
     infer(server, metadata, test_slice.images[:3])
-    assert server.metric("classifier_requests_total", method="ModelInfer", protocol="v2", code="OK") == before + 1
+    counted = lambda: server.metric("classifier_requests_total", method="ModelInfer", protocol="v2", code="OK")  # noqa: E731
+    server.wait_until("the call counted", lambda: counted() > before, timeout=5)  # just after its answer
+    assert counted() == before + 1
     assert server.metric("classifier_images_classified_total", model=MODEL) == images_before + 3
