@@ -189,6 +189,7 @@ class DynamicBatcher:
             for item in batch:
                 item.future.set_exception(error)
             return
+        self._observer.batch_ran(len(images), inference_s)
         offset = 0
         for item in batch:
             count = len(item.images)
@@ -196,4 +197,3 @@ class DynamicBatcher:
                 BatchResult(probabilities[offset:offset + count], started - item.enqueued, inference_s, len(images))
             )
             offset += count
-        self._observer.batch_ran(len(images), inference_s)  # after the answers: nobody waits for it
