@@ -15,7 +15,8 @@ Rows (each a separate server process; the load generator is this process):
   int8-raw     our server on models/cifar10-int8 (only when present), against its own limit
   paired       the targets' points again (ours-raw and ours-stream at c=1, every one-image row at
                c=64), each timed right beside a fresh timing of the limit, leading in alternation,
-               for a few rounds: the verdicts take the median of these same-minute ratios
+               for a few rounds: the verdicts take the median of these same-minute ratios; and
+               ours-v2 beside mlserver-v2 at c=16 and c=64 the same way, for the peer target
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ PLANS = {
 PAIRED_POINTS: tuple[tuple[str, int], ...] = (
     ("ours-raw", 1), ("ours-stream", 1), ("ours-raw", 64), ("ours-png", 64), ("ours-stream", 64), ("ours-stream-png", 64))
 PAIRED_WARMUP_S = 1.0
+# The peer target's points, timed again ours-v2 beside mlserver-v2 (both servers up).
+PEER_PAIRED_CONCURRENCIES: tuple[int, ...] = (16, 64)
 
 
 @dataclass
@@ -320,10 +323,7 @@ class Bench:
             size = 1 if concurrency == 1 else limit["best_batch"]
 
             def time_ours(key: str = key, concurrency: int = concurrency) -> dict:
-                result = asyncio.run(self._one_run(server, endpoints[key], "closed", concurrency,
-                                                   f"paired {key} c={concurrency}", seconds, PAIRED_WARMUP_S))
-                return {"throughput": round(result.throughput, 1), "p50_ms": round(result.percentile_ms(50), 3),
-                        "errors": dict(result.errors)}
+                return self._paired_point(server, endpoints[key], concurrency, f"paired {key} c={concurrency}")
 
             if limit_first:
                 limit_side, ours_side = timer.time(size, seconds), time_ours()
@@ -336,6 +336,35 @@ class Bench:
                   f"p50 {ours_side['p50_ms']:.2f} ms; limit batch {size} {limit_side['throughput']:.0f} img/s "
                   f"p50 {limit_side['p50_ms']:.2f} ms", flush=True)
         self.results["paired"] = {"rounds": self.plan.paired_rounds, "seconds": seconds, "pairs": pairs}
+
+    def paired_peer(self, ours: Row, peer: Row) -> None:
+        """The peer target's points again: ours-v2 and the peer back to back, for `paired_rounds`
+        rounds, the side that goes first alternating. Even interleaved, one pass compares one point
+        of each, and the two servers' points lie a minute apart; the peer target takes the median
+        of these same-minute ratios (report.targets).
+        """
+        print(f"== paired peer: c={PEER_PAIRED_CONCURRENCIES} x {self.plan.paired_rounds} rounds, "
+              f"{ours.scenario.key} beside {peer.scenario.key}", flush=True)
+        pairs = []
+        for round_index, concurrency, ours_first in paired_order(self.plan.paired_rounds, list(PEER_PAIRED_CONCURRENCIES)):
+            sides = {}
+            for row in ((ours, peer) if ours_first else (peer, ours)):
+                sides[row.scenario.key] = self._paired_point(row.server, row.endpoint, concurrency,
+                                                             f"paired {row.scenario.key} c={concurrency}")
+            ours_side, peer_side = sides[ours.scenario.key], sides[peer.scenario.key]
+            pairs.append({"round": round_index, "concurrency": concurrency, "ours_first": ours_first,
+                          "ours": ours_side, "peer": peer_side})
+            print(f"  paired peer round {round_index} c={concurrency}: ours {ours_side['throughput']:.0f} img/s "
+                  f"p99 {ours_side['p99_ms']:.1f} ms; peer {peer_side['throughput']:.0f} img/s "
+                  f"p99 {peer_side['p99_ms']:.1f} ms", flush=True)
+        self.results["paired_peer"] = {"rounds": self.plan.paired_rounds, "seconds": self.plan.paired_seconds,
+                                       "pairs": pairs}
+
+    def _paired_point(self, server, endpoint: Endpoint, concurrency: int, label: str) -> dict:
+        result = asyncio.run(self._one_run(server, endpoint, "closed", concurrency, label,
+                                           self.plan.paired_seconds, PAIRED_WARMUP_S))
+        return {"throughput": round(result.throughput, 1), "p50_ms": round(result.percentile_ms(50), 3),
+                "p99_ms": round(result.percentile_ms(99), 3), "errors": dict(result.errors)}
 
     def _v2_rows(self, ours: OurServer) -> None:
         """ours-v2 and the peer side by side: both servers up, their points interleaved, so the
@@ -363,6 +392,8 @@ class Bench:
                 scenario = self._scenario("mlserver-v2", "MLServer 1.7.1, V2 ModelInfer, raw (adaptive batching)")
                 rows.append(Row(scenario, peer, endpoint, None))
             self.drive_side_by_side(rows, self.args.open_rate)
+            if len(rows) == 2 and "paired" not in self.skip and self.plan.paired_rounds:
+                self.paired_peer(*rows)
         finally:
             if peer is not None:
                 self._record_server("mlserver", peer, final=True)

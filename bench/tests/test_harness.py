@@ -287,6 +287,32 @@ def test_paired_rounds_decide_a_target_by_their_median_not_by_the_one_pass_ratio
         report.paired_table(results)
 
 
+def peer_pair(concurrency: int, ours: tuple[float, float], peer: tuple[float, float]) -> dict:
+    """One paired round of ours-v2 beside the peer: (img/s, p99 ms) for each side."""
+    return {"concurrency": concurrency, "round": 0, "ours_first": True,
+            "ours": {"throughput": ours[0], "p50_ms": 1.0, "p99_ms": ours[1], "errors": {}},
+            "peer": {"throughput": peer[0], "p50_ms": 1.0, "p99_ms": peer[1], "errors": {"UNAVAILABLE": 2}}}
+
+
+def test_peer_rounds_decide_the_peer_target_by_their_median_throughput_and_p99_ratios():
+    results = {
+        "scenarios": [{"key": "ours-v2", "runs": [run(16, 420, 50), run(64, 600, 100)]},
+                      {"key": "mlserver-v2", "runs": [run(16, 300, 90), run(64, 300, 200)]}],
+        "paired_peer": {"rounds": 3, "seconds": 5.0, "pairs": [
+            # c=16: 1.60x, 1.45x, 1.70x -> median 1.60x, p99 better in every round: met (one pass 1.40x)
+            peer_pair(16, (480, 50), (300, 90)), peer_pair(16, (435, 50), (300, 90)), peer_pair(16, (510, 50), (300, 90)),
+            # c=64: 2.0x every round, but p99 worse in two of three (ratios 1.1, 0.5, 1.2): missed (one pass met)
+            peer_pair(64, (600, 220), (300, 200)), peer_pair(64, (600, 100), (300, 200)),
+            peer_pair(64, (600, 240), (300, 200)),
+        ]},
+    }
+    c16, c64 = [t for t in report.targets(results) if "MLServer" in t["target"]]
+    assert c16["met"] and c16["measured"].startswith("median of 3 paired rounds 1.60x (1.60, 1.45, 1.70), p99 ours / peer 0.56")
+    assert c16["measured"].endswith("one pass 1.40x (420 vs 300 img/s); p99 50.0 vs 90.0 ms")
+    assert not c64["met"] and "p99 ours / peer 1.10" in c64["measured"]
+    assert "| 16 | 0 | ours | 480.0 | 50.0 | 300.0 | 90.0 | 1.60x | peer UNAVAILABLE 2 |" in report.paired_peer_table(results)
+
+
 @pytest.mark.skipif(not (MLSERVER_VENV / "bin" / "mlserver").exists(), reason="make bench-venvs installs the peer")
 def test_mlserver_peer_serves_the_same_model_through_v2(tmp_path, images):
     relative_work_dir = Path(os.path.relpath(tmp_path))  # as `--out` gives it; MLServer runs with another cwd
