@@ -339,9 +339,9 @@ class Bench:
 
     def paired_peer(self, ours: Row, peer: Row) -> None:
         """The peer target's points again: ours-v2 and the peer back to back, for `paired_rounds`
-        rounds, the side that goes first alternating. Even interleaved, one pass compares one point
-        of each, and the two servers' points lie a minute apart; the peer target takes the median
-        of these same-minute ratios (report.targets).
+        rounds, the side that goes first alternating. Even interleaved, one pass compares a single
+        point of each side, on a machine whose speed moves by 10-15% within minutes; the peer
+        target takes the median of these same-minute ratios (report.targets).
         """
         print(f"== paired peer: c={PEER_PAIRED_CONCURRENCIES} x {self.plan.paired_rounds} rounds, "
               f"{ours.scenario.key} beside {peer.scenario.key}", flush=True)
