@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -39,7 +39,7 @@ def request_id_from(context: grpc.aio.ServicerContext, given: str = "") -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and value:
             return str(value)[:128]
-    return uuid.uuid4().hex[:16]
+    return secrets.token_hex(8)  # 64 random bits; uuid4().hex[:16] had 60 and cost 4x as much
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -60,7 +60,7 @@ class CallObserver:
     async def unary(self, call: CallRecord, context: grpc.aio.ServicerContext,
                     handler: Callable[[], Awaitable[T]]) -> T:
         started = time.perf_counter()
-        inflight = self.metrics.inflight.labels(call.protocol)
+        inflight = self.metrics.child(self.metrics.inflight, call.protocol)
         inflight.inc()
         failure: BaseException | None = None
         code = grpc.StatusCode.OK
@@ -88,11 +88,11 @@ class CallObserver:
 
     def count_rejection(self, reason: str, protocol: str, code: grpc.StatusCode) -> None:
         if code not in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL):
-            self.metrics.rejections.labels(reason, protocol).inc()
+            self.metrics.child(self.metrics.rejections, reason, protocol).inc()
 
     def finish(self, call: CallRecord, code: grpc.StatusCode, seconds: float) -> None:
-        self.metrics.requests.labels(call.method, code.name, call.protocol, call.model).inc()
-        self.metrics.request_latency.labels(call.method, code.name, call.protocol).observe(seconds)
+        self.metrics.child(self.metrics.requests, call.method, code.name, call.protocol, call.model).inc()
+        self.metrics.child(self.metrics.request_latency, call.method, code.name, call.protocol).observe(seconds)
         if self.access_log_enabled:
             access_log.info(
                 "%s %s model=%s version=%s images=%d status=%s latency_ms=%.2f request_id=%s",
@@ -115,7 +115,7 @@ class CallObserver:
         stream call as a whole is counted, timed and logged once.
         """
         started = time.perf_counter()
-        inflight = self.metrics.inflight.labels(call.protocol)
+        inflight = self.metrics.child(self.metrics.inflight, call.protocol)
         inflight.inc()
         pending: asyncio.Queue = asyncio.Queue(maxsize=window)
 

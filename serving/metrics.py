@@ -82,6 +82,17 @@ class ServingMetrics:
         self.serving = Gauge(
             "serving", "1 while health is SERVING", namespace=NAMESPACE, registry=registry,
         )
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, remembered. A request makes ~8 of these calls on the event loop,
+        and each costs ~1 µs (a lock, a tuple, checks) where the lookup costs ~0.2. Only for series
+        that are never removed: a removed series would live on here, unexported."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def observer_for(self, model: str, version: int) -> "BatchMetrics":
         return BatchMetrics(self, model, str(version))

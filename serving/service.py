@@ -63,13 +63,13 @@ class InferenceCore:
         else:
             raise ShuttingDown("the model version is being replaced; retry")
         result: BatchResult = await asyncio.wrap_future(future)
-        version = str(served.version)
-        self.metrics.phase_latency.labels("queue_wait", served.name, version).observe(result.queue_wait_s)
-        self.metrics.phase_latency.labels("inference", served.name, version).observe(result.inference_s)
+        version, phases = str(served.version), self.metrics.phase_latency
+        self.metrics.child(phases, "queue_wait", served.name, version).observe(result.queue_wait_s)
+        self.metrics.child(phases, "inference", served.name, version).observe(result.inference_s)
         return InferenceOutcome(served, result.probabilities, result)
 
     def observe_decode(self, seconds: float, served_name: str, version: int | str) -> None:
-        self.metrics.phase_latency.labels("decode", served_name, str(version)).observe(seconds)
+        self.metrics.child(self.metrics.phase_latency, "decode", served_name, str(version)).observe(seconds)
 
     def top_k(self, outcome: InferenceOutcome, k: int) -> list[list[Classification]]:
         """Per image, the k most probable classes, highest first (ties: lower class index first);
@@ -87,8 +87,8 @@ class InferenceCore:
         for row in outcome.probabilities.tolist():
             indices = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]  # a stable sort
             results.append([Classification(i, names[i], row[i]) for i in indices])
-            counter.labels(outcome.served.name, version, names[indices[0]]).inc()
-        self.metrics.phase_latency.labels("postprocess", outcome.served.name, version).observe(
+            self.metrics.child(counter, outcome.served.name, version, names[indices[0]]).inc()
+        self.metrics.child(self.metrics.phase_latency, "postprocess", outcome.served.name, version).observe(
             time.perf_counter() - started
         )
         return results

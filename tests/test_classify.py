@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import numpy as np
 import pytest
@@ -138,6 +140,17 @@ def test_a_bad_stream_message_gets_its_own_error_and_the_stream_goes_on(server, 
 
 def test_request_id_is_echoed(server, test_slice):
     assert classify(server, raw_image(test_slice.images[0]), request_id="abc-123").request_id == "abc-123"
+
+
+def test_request_id_comes_from_x_request_id_metadata_when_the_field_is_empty(server, test_slice):
+    request = pb.ClassifyRequest(image=raw_image(test_slice.images[0]))
+    reply = server.stub.Classify(request, metadata=[("x-request-id", "from-metadata")], timeout=10)
+    assert reply.request_id == "from-metadata"
+
+
+def test_a_request_without_an_id_gets_a_generated_one_of_its_own(server, test_slice):
+    ids = {classify(server, raw_image(test_slice.images[0])).request_id for _ in range(20)}
+    assert len(ids) == 20 and all(re.fullmatch(r"[0-9a-f]{16}", i) for i in ids), ids
 
 
 def test_ranking_puts_the_lower_class_index_first_among_equal_probabilities():
