@@ -159,13 +159,13 @@ def interleaved(points: list, rows: list) -> list[tuple]:
 
 
 def paired_order(rounds: int, points: list) -> list[tuple[int, object, bool]]:
-    """(round, point, limit_first) for every point of every round: consecutive pairs alternate
-    which side goes first, so neither the limit nor the server always gets the later minute."""
-    order: list[tuple[int, object, bool]] = []
-    for round_index in range(rounds):
-        for point in points:
-            order.append((round_index, point, len(order) % 2 == 0))
-    return order
+    """(round, point, limit_first) for every point of every round: within a round consecutive
+    pairs alternate which side goes first, and each point alternates from round to round, so
+    neither the limit nor the server always gets the later minute of a target's pairs (with an
+    even number of points, alternating by position alone gave each point the same first side in
+    every round)."""
+    return [(round_index, point, (round_index + index) % 2 == 0)
+            for round_index in range(rounds) for index, point in enumerate(points)]
 
 
 class Bench:

@@ -241,6 +241,13 @@ def test_paired_rounds_alternate_which_side_goes_first_across_points_and_rounds(
         (1, ("ours-raw", 1), False), (1, ("ours-raw", 64), True), (1, ("ours-png", 64), False)]
 
 
+def test_with_an_even_number_of_points_each_point_still_alternates_its_first_side_round_by_round():
+    order = paired_order(4, [16, 64])
+    assert [first for _, point, first in order if point == 16] == [True, False, True, False]
+    assert [first for _, point, first in order if point == 64] == [False, True, False, True]
+    assert [first for _, _, first in order][:2] == [True, False]  # and consecutive pairs differ
+
+
 def test_the_limit_timer_times_a_batch_size_again_on_the_same_open_session(images):
     timer = limit.LimitTimer(newest_version(FP32_MODEL) / "model.onnx", images.images, 1)
     first, again = timer.time(4, 0.05), timer.time(4, 0.05)
