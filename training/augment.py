@@ -8,22 +8,38 @@ from __future__ import annotations
 
 import numpy as np
 
-PAD = 4  # pixels of reflect padding around each image; a crop moves by up to 2 * PAD
+PAD = 4  # pixels of reflect padding around each image by default; a crop moves by up to 2 * pad
 
 
-def pad_for_crops(images: np.ndarray) -> np.ndarray:
-    return np.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)), mode="reflect")
+def pad_for_crops(images: np.ndarray, pad: int = PAD) -> np.ndarray:
+    return np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
 
 
-def crop_and_flip(padded: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """A random size x size crop of each padded image, then a horizontal flip of half of them."""
+def crop_and_flip(padded: np.ndarray, rng: np.random.Generator, size: int = 32, flip: bool = True) -> np.ndarray:
+    """A random size x size crop of each padded image, then (with `flip`) a horizontal flip of
+    half of them, drawn at random."""
     count = len(padded)
-    dy, dx = rng.integers(0, 2 * PAD + 1, size=(2, count))
+    dy, dx = rng.integers(0, padded.shape[1] - size + 1, size=(2, count))
     rows = dy[:, None] + np.arange(size)[None, :]
     cols = dx[:, None] + np.arange(size)[None, :]
     x = padded[np.arange(count)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    flip = rng.random(count) < 0.5
-    x[flip] = x[flip, :, ::-1]
+    if flip:
+        flipped = rng.random(count) < 0.5
+        x[flipped] = x[flipped, :, ::-1]
+    return x
+
+
+def alternating_flips(count: int, epoch: int, seed: int) -> np.ndarray:
+    """Which of `count` images to mirror in `epoch`: a seeded random half in epoch 0, then each
+    image the other way round from the epoch before (airbench's alternating flip). Every image
+    is seen both ways in any two consecutive epochs, which random flips only do on average."""
+    first = np.random.default_rng(seed).random(count) < 0.5
+    return first ^ bool(epoch % 2)
+
+
+def flip(x: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Mirror the images `which` selects, in place."""
+    x[which] = x[which, :, ::-1]
     return x
 
 

@@ -123,7 +123,7 @@ def averaged_network(model: keras.Model, average: list[np.ndarray], bn_images: n
 def average(parent: Path, run_dir: Path, data_dir: Path, cycles: int, cycle_epochs: int, peak: float,
             resume: bool, limit: int | None = None, verbose: int = 2) -> dict:
     parent_state = json.loads((parent / STATE).read_text())
-    recipe = Recipe(**parent_state["recipe"])
+    recipe = Recipe.from_dict(parent_state["recipe"])
     keras.utils.set_random_seed(recipe.seed + parent_state["epochs_done"])
     train_split, val_split = cifar.train_validation_split(cifar.load_train(data_dir), recipe.validation_size, recipe.seed)
     if limit:
@@ -145,7 +145,7 @@ def average(parent: Path, run_dir: Path, data_dir: Path, cycles: int, cycle_epoc
         print(f"resuming weight averaging after epoch {state['epochs_done']}", flush=True)
     else:
         model = keras.saving.load_model(parent / BEST)
-        compile_model(model, recipe, CyclicDecay(peak, cycle_epochs * len(batches)))  # fresh optimizer state
+        compile_model(model, recipe, CyclicDecay(peak, cycle_epochs * len(batches)), len(batches))  # fresh optimizer state
         running = None
         state = {key: parent_state[key] for key in ("recipe", "backend", "train_images", "validation_images",
                                                      "parameters", "macs_per_image")}

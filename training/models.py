@@ -132,11 +132,127 @@ def count_macs(model: keras.Model) -> int:
     """Multiply-accumulates per image of the conv and dense layers (what dominates)."""
     macs = 0
     for layer in model.layers:
-        if isinstance(layer, layers.Conv2D):
+        if isinstance(layer, (layers.Conv2D, PatchWhitening)):
             _, h, w, c_out = layer.output.shape
-            kh, kw = layer.kernel_size
+            kh, kw = layer.kernel.shape[:2]
             c_in = layer.input.shape[-1]
             macs += h * w * kh * kw * c_in * c_out
         elif isinstance(layer, layers.Dense):
             macs += layer.input.shape[-1] * layer.units
     return int(macs)
+
+
+# ---- the patch-whitened net (airbench94's shape, Jordan 2024, re-derived in Keras) ----------------
+
+WHITENING_PATCH = 2  # 2x2 patches of 3 channels: a 12-dimensional patch space
+WHITENING_EPSILON = 5e-4  # added to each eigenvalue: the near-empty directions are not blown up
+
+
+def whitening_kernel(normalised_images, epsilon: float = WHITENING_EPSILON):
+    """Conv kernel (2, 2, 3, 24) that whitens 2x2 patches: one filter per eigenvector of the
+    patch covariance, scaled by 1/sqrt(eigenvalue), and its negative (so a following GELU keeps
+    both signs). `normalised_images`: float NHWC, already minus the mean and over the std."""
+    import numpy as np
+
+    x = np.asarray(normalised_images, dtype=np.float64)
+    n, h, w, c = x.shape
+    p = WHITENING_PATCH
+    patches = np.stack([x[:, i:h - p + 1 + i, j:w - p + 1 + j, :] for i in range(p) for j in range(p)], axis=3)
+    patches = patches.reshape(-1, p * p * c)  # (row, column, channel) order, as a Keras kernel is laid out
+    covariance = np.cov(patches, rowvar=False)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    filters = eigenvectors / np.sqrt(eigenvalues + epsilon)  # one column per direction
+    filters = np.concatenate([filters, -filters], axis=1)
+    return filters.reshape(p, p, c, 2 * p * p * c).astype("float32")
+
+
+@keras.saving.register_keras_serializable(package="cifar10")
+class PatchWhitening(layers.Layer):
+    """A 2x2 'valid' convolution whose kernel is fixed (set from training statistics with
+    `set_kernel`, never trained) and whose bias is trainable (the optimizer may freeze it)."""
+
+    def __init__(self, filters: int = 24, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.kernel = self.add_weight(shape=(WHITENING_PATCH, WHITENING_PATCH, channels, self.filters),
+                                      initializer="zeros", trainable=False, name="kernel")
+        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", trainable=True, name="bias")
+
+    def set_kernel(self, kernel) -> None:
+        self.kernel.assign(kernel)
+
+    def call(self, x):
+        return ops.conv(x, self.kernel, strides=1, padding="valid") + self.bias
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, _ = input_shape
+        shrink = WHITENING_PATCH - 1
+        return (n, None if h is None else h - shrink, None if w is None else w - shrink, self.filters)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "filters": self.filters}
+
+
+@keras.saving.register_keras_serializable(package="cifar10")
+class PartialIdentity(keras.initializers.Initializer):
+    """A 3x3 conv kernel whose first min(in, out) filters pass their input channel through
+    unchanged (a Dirac delta), the rest drawn fan-in uniform in +-1/sqrt(fan_in). A deep stack
+    of such convolutions starts close to the identity, so early gradients reach every layer."""
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None):
+        import numpy as np
+
+        height, width, channels_in, channels_out = shape
+        random = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform", seed=self.seed)(shape, dtype)
+        identity = np.zeros(shape, dtype="float32")
+        passed = min(channels_in, channels_out)
+        identity[height // 2, width // 2, np.arange(passed), np.arange(passed)] = 1.0
+        is_identity = np.zeros(shape, dtype=bool)
+        is_identity[..., :passed] = True
+        return ops.where(is_identity, ops.convert_to_tensor(identity, dtype=dtype), random)
+
+    def get_config(self) -> dict:
+        return {"seed": self.seed}
+
+
+FEATURES_NAME = "features"  # the pooled penultimate activations: what trust scores are computed on
+
+
+def _whitened_block(x, filters: int, index: int):
+    """conv - pool - BN - GELU - conv - BN - GELU; BN without a learned scale (GELU after it
+    makes a scale redundant with the next conv), with airbench's fast-moving statistics."""
+    def norm(name: str):
+        return layers.BatchNormalization(momentum=0.4, epsilon=1e-12, scale=False, name=name)
+
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity(),
+                      name=f"block{index}_conv1")(x)
+    x = layers.MaxPooling2D(name=f"block{index}_pool")(x)
+    x = norm(f"block{index}_norm1")(x)
+    x = layers.Activation("gelu", name=f"block{index}_act1")(x)
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity(),
+                      name=f"block{index}_conv2")(x)
+    x = norm(f"block{index}_norm2")(x)
+    return layers.Activation("gelu", name=f"block{index}")(x)
+
+
+def whitened_net(widths: tuple[int, int, int] = (64, 256, 256), logit_scale: float = 1 / 9) -> keras.Model:
+    """airbench94's network shape: frozen 2x2 patch whitening, three conv blocks, global max
+    pooling, one dense layer without bias, logits scaled down. Call `PatchWhitening.set_kernel`
+    (training.train does) before training: the kernel starts at zero."""
+    inputs, x = _normalised_input()
+    x = PatchWhitening(2 * WHITENING_PATCH * WHITENING_PATCH * 3, name="whiten")(x)
+    x = layers.Activation("gelu", name="whiten_act")(x)
+    for index, filters in enumerate(widths, start=1):
+        x = _whitened_block(x, filters, index)
+    x = layers.GlobalMaxPooling2D(name=FEATURES_NAME)(x)
+    x = layers.Dense(10, use_bias=False, kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"),
+                     name="head")(x)
+    x = layers.Rescaling(logit_scale, name="logits")(x)
+    outputs = layers.Activation("softmax", dtype="float32", name=OUTPUT_NAME)(x)
+    return keras.Model(inputs, outputs, name="whitened_net_" + "_".join(map(str, widths)))
