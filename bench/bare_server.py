@@ -51,7 +51,7 @@ def load(args: argparse.Namespace) -> tuple[OnnxModel, DynamicBatcher]:
     model = OnnxModel(args.default_model, int(versions[-1].name), versions[-1],
                       RuntimeOptions(intra_op_threads=args.intra_op_threads))
     model.warm_up(MAX_BATCH)
-    return model, DynamicBatcher(model.run, MAX_BATCH, 0.0, 4096)
+    return model, DynamicBatcher(lambda images: (model.run(images),), MAX_BATCH, 0.0, 4096)
 
 
 def pixels_of(request: pb.ClassifyRequest) -> np.ndarray:

@@ -24,12 +24,20 @@ from serving.errors import DeadlineExpired, InferenceFailed, Overloaded, Shuttin
 log = logging.getLogger(__name__)
 
 
+# What a run gives for a batch: arrays of one row per image (e.g. probabilities, unsure scores).
+Rows = tuple[np.ndarray, ...]
+
+
 @dataclass(frozen=True)
 class BatchResult:
-    probabilities: np.ndarray  # this request's rows
+    rows: Rows  # this request's rows of each array the run gave
     queue_wait_s: float
     inference_s: float
     batch_size: int  # images in the runtime call that served it
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self.rows[0]
 
 
 class BatchObserver(Protocol):
@@ -60,7 +68,7 @@ class _Pending:
 class DynamicBatcher:
     def __init__(
         self,
-        run: Callable[[np.ndarray], np.ndarray],
+        run: Callable[[np.ndarray], Rows],
         max_batch_size: int,
         max_delay_s: float,
         max_queue_images: int,
@@ -176,11 +184,10 @@ class DynamicBatcher:
         try:
             t0 = time.perf_counter()
             if len(images) <= self.max_batch_size:
-                probabilities = self._run(images)
+                rows = self._run(images)
             else:  # one oversized request: run it in max-size chunks
-                probabilities = np.concatenate(
-                    [self._run(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
-                )
+                chunks = [self._run(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
+                rows = tuple(np.concatenate(parts) for parts in zip(*chunks))
             inference_s = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - every waiting client must get an answer
             error = exc if isinstance(exc, InferenceFailed) else InferenceFailed("inference failed; see the server log")
@@ -193,7 +200,6 @@ class DynamicBatcher:
         offset = 0
         for item in batch:
             count = len(item.images)
-            item.future.set_result(
-                BatchResult(probabilities[offset:offset + count], started - item.enqueued, inference_s, len(images))
-            )
+            item.future.set_result(BatchResult(
+                tuple(r[offset:offset + count] for r in rows), started - item.enqueued, inference_s, len(images)))
             offset += count

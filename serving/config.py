@@ -46,6 +46,8 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096  # decompression-bomb guard: checked before decoding
     max_message_bytes: int = 16 * 1024 * 1024
     max_concurrent_streams: int = 1000  # 100 refused streams (RST_STREAM 7) with 64 clients on one channel
+    # Trust: the images each version's drift scores look back over (serving/drift.py)
+    drift_window: int = 512
     # uvloop: +6% images/s at 16 clients against asyncio's own loop, the same at 1 (bench/NOTES.md)
     event_loop: str = "uvloop"
     # Security: TLS and bearer-token auth are off unless configured ("" = off)
@@ -88,6 +90,7 @@ _HELP = {
     "max_image_pixels": "largest width*height accepted, checked from the header before decoding",
     "max_message_bytes": "largest gRPC message received or sent (bytes)",
     "max_concurrent_streams": "HTTP/2 concurrent streams per connection",
+    "drift_window": "images per model version in the sliding window that the drift scores compare with the card's reference",
     "event_loop": "event loop that runs gRPC and the handlers: uvloop, or asyncio's own",
     "tls_cert": "PEM certificate chain of the gRPC port; with --tls-key turns TLS on",
     "tls_key": "PEM private key of --tls-cert",
@@ -173,6 +176,8 @@ def validate(config: ServerConfig) -> list[str]:
         problems.append("--max-queue-size must be >= --max-batch-size")
     if config.max_images_per_request < 1:
         problems.append("--max-images-per-request must be >= 1")
+    if config.drift_window < 1:
+        problems.append("--drift-window must be >= 1")
     if config.max_batch_delay_ms < 0:
         problems.append("--max-batch-delay-ms must be >= 0")
     if bool(config.tls_cert) != bool(config.tls_key):

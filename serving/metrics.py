@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from serving.drift import DriftWindow
 
 # *_created series double the page and no dashboard uses them.
 disable_created_metrics()
@@ -82,6 +88,12 @@ class ServingMetrics:
         self.serving = Gauge(
             "serving", "1 while health is SERVING", namespace=NAMESPACE, registry=registry,
         )
+        self.unsure = Counter(
+            "unsure_total", "Answers flagged unsure (at the threshold that answered: the model's or the request's)",
+            ["model", "version"], namespace=NAMESPACE, registry=registry,
+        )
+        self.drift = DriftCollector()
+        registry.register(self.drift)
         self._children: dict[tuple, object] = {}
 
     def child(self, metric, *labels: str):
@@ -112,6 +124,49 @@ class ServingMetrics:
                 gauge.remove(*labels)
             except KeyError:
                 pass
+
+
+class DriftCollector(Collector):
+    """The drift windows of the served versions, scored when Prometheus scrapes (serving/drift.py).
+
+    A version without a reference in its card has no drift series; every family is still
+    exported (help and type) so dashboards and alerts find it.
+    """
+
+    def __init__(self):
+        self._windows: dict[tuple[str, str], DriftWindow] = {}
+        self._lock = threading.Lock()
+
+    def add(self, model: str, version: int, window: DriftWindow) -> None:
+        with self._lock:
+            self._windows[(model, str(version))] = window
+
+    def remove(self, model: str, version: int, window: DriftWindow) -> None:
+        with self._lock:
+            if self._windows.get((model, str(version))) is window:
+                del self._windows[(model, str(version))]
+
+    def collect(self):
+        scores = GaugeMetricFamily(
+            f"{NAMESPACE}_drift_score",
+            "Jensen-Shannon divergence (base 2, 0..1) between the recent window and the validation profile "
+            "in the model card, per signal",
+            labels=["model", "version", "signal"])
+        unsure = GaugeMetricFamily(
+            f"{NAMESPACE}_drift_window_unsure_ratio", "Share of the recent window's images flagged unsure "
+            "at the model's own threshold", labels=["model", "version"])
+        images = GaugeMetricFamily(
+            f"{NAMESPACE}_drift_window_images", "Images in the recent window (at most --drift-window)",
+            labels=["model", "version"])
+        with self._lock:
+            windows = list(self._windows.items())
+        for (model, version), window in windows:
+            filled, unsure_share, per_signal = window.snapshot()
+            images.add_metric([model, version], filled)
+            unsure.add_metric([model, version], unsure_share)
+            for signal, value in per_signal.items():
+                scores.add_metric([model, version, signal], value)
+        return [scores, unsure, images]
 
 
 class BatchMetrics:

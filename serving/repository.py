@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.batching import DynamicBatcher
+from serving.drift import DriftWindow, DriftReferenceError, read_reference
 from serving.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serving.memory import release_freed_memory
 from serving.metrics import ServingMetrics
 from serving.runtime import CARD_FILE, MODEL_FILE, ModelLoadError, OnnxModel, RuntimeOptions
+from serving.trust import ScoredRunner, Trust, TrustCardError
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ class ServedVersion:
     error: str = ""
     model: OnnxModel | None = None
     batcher: DynamicBatcher | None = None
+    trust: Trust | None = None  # calibration and the unsure rule, from the card
+    window: DriftWindow | None = None  # what it served lately, for the drift scores
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -123,11 +127,13 @@ class ModelRepository:
         metrics: ServingMetrics,
         default_model: str,
         version_policy: str = "latest:1",
+        drift_window: int = 512,
     ):
         self.root = Path(root)
         self.runtime, self.batching, self.metrics = runtime, batching, metrics
         self.default_model = default_model
         self.default_policy = VersionPolicy.parse(version_policy)
+        self.drift_window = drift_window
         # Copy-on-write: readers take a snapshot without a lock; only scan() replaces them.
         self._routes: dict[str, dict[int, ServedVersion]] = {}
         self._versions: dict[tuple[str, int], ServedVersion] = {}
@@ -251,6 +257,11 @@ class ModelRepository:
         started = time.perf_counter()
         try:
             model = OnnxModel(name, version, directory, self.runtime)
+            try:
+                trust = Trust.from_card(model.card.raw, model.output_names, model.num_classes)
+                window = DriftWindow(read_reference(model.card.raw.get("drift_reference")), self.drift_window)
+            except (TrustCardError, DriftReferenceError) as exc:
+                raise ModelLoadError(f"{CARD_FILE}: {exc}") from None
             sizes = model.warm_up(self.batching.max_batch_size)
         except ModelLoadError as exc:
             self.metrics.model_load_failures.labels(name).inc()
@@ -264,10 +275,12 @@ class ModelRepository:
             return
         seconds = time.perf_counter() - started
         batcher = DynamicBatcher(
-            model.run, self.batching.max_batch_size, self.batching.max_delay_s, self.batching.max_queue_images,
+            ScoredRunner(model, trust, window), self.batching.max_batch_size, self.batching.max_delay_s, self.batching.max_queue_images,
             observer=self.metrics.observer_for(name, version), name=f"{name}-v{version}",
         )
-        served = ServedVersion(name, version, directory, VersionState.AVAILABLE, fp, model=model, batcher=batcher)
+        served = ServedVersion(name, version, directory, VersionState.AVAILABLE, fp, model=model, batcher=batcher,
+                               trust=trust, window=window)
+        self.metrics.drift.add(name, version, window)
         self.metrics.queue_capacity.labels(name, str(version)).set(self.batching.max_queue_images)
         self.metrics.model_loads.labels(name).inc()
         self.metrics.model_load_seconds.labels(name).observe(seconds)
@@ -310,6 +323,8 @@ class ModelRepository:
         served.state = VersionState.UNLOADING
         if served.batcher is not None:
             served.batcher.close()
+        if served.window is not None:
+            self.metrics.drift.remove(served.name, served.version, served.window)
         if served.model is not None:
             if self._versions.get((served.name, served.version)) is None:
                 self.metrics.model_unloaded(served.name, served.version, served.model.sha256, served.model.providers)

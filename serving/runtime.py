@@ -143,9 +143,11 @@ class OnnxModel:
 
     def _check_signature(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelLoadError(f"expected one input and one output, got {len(inputs)} and {len(outputs)}")
+        if len(inputs) != 1 or not outputs:
+            raise ModelLoadError(f"expected one input and at least one output, got {len(inputs)} and {len(outputs)}")
+        # Output 0 is the class probabilities; others (features, logits, an unsure score) may follow.
         self.input, self.output = inputs[0], outputs[0]
+        self.output_names: list[str] = [o.name for o in outputs]
         shape = list(self.input.shape)
         if self.input.type != "tensor(uint8)" or len(shape) != 4 or [int(d) if isinstance(d, int) else -1 for d in shape[1:]] != [32, 32, 3]:
             raise ModelLoadError(f"input {self.input.name!r} is {self.input.type} {shape}, expected uint8 [N, 32, 32, 3]")
@@ -180,13 +182,16 @@ class OnnxModel:
         return sizes
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 [N, 32, 32, 3] -> float32 probabilities [N, classes]."""
+        """uint8 [N, 32, 32, 3] -> float32 probabilities [N, classes], as the graph computes them."""
+        return self.run_outputs(batch, [self.output.name])[0]
+
+    def run_outputs(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """uint8 [N, 32, 32, 3] -> the named outputs (only those are computed and copied)."""
         try:
-            (probabilities,) = self.session.run([self.output.name], {self.input.name: batch})
+            return self.session.run(names, {self.input.name: batch})
         except Exception as exc:  # noqa: BLE001
             log.exception("inference failed in %s v%s", self.name, self.version)
             raise InferenceFailed("inference failed inside the model runtime; see the server log") from exc
-        return probabilities
 
     def close(self) -> None:
         # Dropping the last reference frees the session's arena (checked by the RSS test).

@@ -57,7 +57,7 @@ class ClassifierServer:
             RuntimeOptions(config.providers, config.require_gpu, config.intra_op_threads,
                            config.inter_op_threads, config.graph_optimization, config.intra_op_spinning),
             BatchingOptions(config.max_batch_size, config.max_batch_delay_ms / 1000.0, config.max_queue_size),
-            self.metrics, config.default_model, config.version_policy,
+            self.metrics, config.default_model, config.version_policy, config.drift_window,
         )
         self.core = InferenceCore(self.repository, self.metrics)
         self.calls = CallObserver(self.metrics, config.access_log)

@@ -30,8 +30,17 @@ class Classification:
 @dataclass
 class InferenceOutcome:
     served: ServedVersion
-    probabilities: np.ndarray  # [k, classes]
     result: BatchResult
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """[k, classes], calibrated (serving/trust.py): what callers get as the probability."""
+        return self.result.rows[0]
+
+    @property
+    def unsure_scores(self) -> np.ndarray:
+        """[k]: higher is less like the training data; compared with the threshold."""
+        return self.result.rows[1]
 
     @property
     def class_names(self) -> list[str]:
@@ -66,7 +75,7 @@ class InferenceCore:
         version, phases = str(served.version), self.metrics.phase_latency
         self.metrics.child(phases, "queue_wait", served.name, version).observe(result.queue_wait_s)
         self.metrics.child(phases, "inference", served.name, version).observe(result.inference_s)
-        return InferenceOutcome(served, result.probabilities, result)
+        return InferenceOutcome(served, result)
 
     def observe_decode(self, seconds: float, served_name: str, version: int | str) -> None:
         self.metrics.child(self.metrics.phase_latency, "decode", served_name, str(version)).observe(seconds)
@@ -92,6 +101,17 @@ class InferenceCore:
             time.perf_counter() - started
         )
         return results
+
+
+    def unsure(self, outcome: InferenceOutcome, threshold: float | None = None) -> list[bool]:
+        """Per image, whether its score is above `threshold` (None: the model's, from its card);
+        counts the unsure answers."""
+        limit = outcome.served.trust.unsure.threshold if threshold is None else threshold
+        flags = [score > limit for score in outcome.unsure_scores.tolist()]
+        flagged = sum(flags)
+        if flagged:
+            self.metrics.child(self.metrics.unsure, outcome.served.name, str(outcome.served.version)).inc(flagged)
+        return flags
 
 
 def check_top_k(top_k: int | None, num_classes: int) -> int:

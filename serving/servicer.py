@@ -17,6 +17,7 @@ from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.repository import ModelRepository, ServedVersion, VersionState
 from serving.service import Classification, InferenceCore, check_top_k
+from serving.trust import check_threshold
 from serving.status import rpc_status, status_of
 from serving.wire import CorruptMessage, parsed
 
@@ -66,15 +67,18 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def _classify(self, request: pb.ClassifyRequest, call: CallRecord) -> pb.ClassifyResponse:
         served = self._route(call, request.model_name, request.model_version)
         top_k = check_top_k(request.top_k if request.HasField("top_k") else None, served.model.num_classes)
+        threshold = check_threshold(request.unsure_threshold if request.HasField("unsure_threshold") else None)
         started = time.perf_counter()
         pixels = await self._decode(request.image)
         self.core.observe_decode(time.perf_counter() - started, served.name, served.version)
         call.images = 1
         outcome = await self.core.infer(pixels[None], served.name, served.version, call.deadline)
         (classes,) = self.core.top_k(outcome, top_k)
+        (unsure,) = self.core.unsure(outcome, threshold)
         return pb.ClassifyResponse(
             predictions=predictions_pb(classes), model_name=outcome.served.name,
             model_version=outcome.served.version, request_id=call.request_id,
+            unsure=unsure, unsure_score=float(outcome.unsure_scores[0]),
         )
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
@@ -96,6 +100,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             )
         served = self._route(call, request.model_name, request.model_version)
         top_k = check_top_k(request.top_k if request.HasField("top_k") else None, served.model.num_classes)
+        threshold = check_threshold(request.unsure_threshold if request.HasField("unsure_threshold") else None)
         results = [pb.ImageResult() for _ in range(count)]
         good_slots, arrays = [], []
         started = time.perf_counter()
@@ -112,8 +117,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         model_name, model_version = served.name, served.version
         if arrays:
             outcome = await self.core.infer(np.stack(arrays), served.name, served.version, call.deadline)
-            for slot, classes in zip(good_slots, self.core.top_k(outcome, top_k)):
+            flags, scores = self.core.unsure(outcome, threshold), outcome.unsure_scores.tolist()
+            for slot, classes, unsure, score in zip(good_slots, self.core.top_k(outcome, top_k), flags, scores):
                 results[slot].predictions.extend(predictions_pb(classes))
+                results[slot].unsure, results[slot].unsure_score = unsure, score
             model_name, model_version = outcome.served.name, outcome.served.version
         return pb.ClassifyBatchResponse(
             results=results, model_name=model_name, model_version=model_version, request_id=call.request_id
@@ -158,6 +165,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             model_card_json=json.dumps(card.raw, sort_keys=True),
             max_batch_size=served.batcher.max_batch_size if served.batcher else 0,
             is_default=served.name == self.repository.default_model,
+            unsure_score=served.trust.unsure.score, unsure_threshold=served.trust.unsure.threshold,
+            calibration=served.trust.calibration.method,
         )
 
     def _list(self) -> pb.ListModelsResponse:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from serving.batching import BatchResult
 from serving.metrics import ServingMetrics
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from serving.repository import ServedVersion, VersionState
@@ -159,6 +160,7 @@ def test_ranking_puts_the_lower_class_index_first_among_equal_probabilities():
                            model=OnnxModel(DEFAULT_MODEL, 1, directory, RuntimeOptions(intra_op_threads=1)))
     tied = np.array([[0.05, 0.3, 0.05, 0.3, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0],
                      [0.1] * 10], dtype=np.float32)
-    ranked = InferenceCore(None, ServingMetrics(CollectorRegistry())).top_k(InferenceOutcome(served, tied, None), 4)
+    outcome = InferenceOutcome(served, BatchResult((tied, np.zeros(len(tied), np.float32)), 0.0, 0.0, len(tied)))
+    ranked = InferenceCore(None, ServingMetrics(CollectorRegistry())).top_k(outcome, 4)
     assert [[c.class_index for c in row] for row in ranked] == [[1, 3, 5, 0], [0, 1, 2, 3]]
     assert ranked[0][0].probability == float(np.float32(0.3)) and ranked[0][0].label == CLASS_NAMES[1]

@@ -28,15 +28,17 @@ def test_model_ready_is_false_for_an_unknown_model_or_version(server):
     assert not server.client.is_model_ready(MODEL, model_version="99")
 
 
-def test_model_metadata_reports_uint8_images_in_and_fp32_probabilities_out(metadata):
+def test_model_metadata_reports_uint8_images_in_and_probabilities_and_unsure_out(metadata):
     assert metadata.name == MODEL
     assert metadata.platform == "onnxruntime_onnx"
     assert metadata.versions == ["1"]
     (tensor_in,) = metadata.inputs
-    (tensor_out,) = metadata.outputs
+    tensor_out, score, flag = metadata.outputs
     assert (tensor_in.datatype, list(tensor_in.shape)) == ("UINT8", [-1, 32, 32, 3])
     assert (tensor_out.datatype, list(tensor_out.shape)) == ("FP32", [-1, len(CLASS_NAMES)])
     assert tensor_in.name and tensor_out.name and tensor_in.name != tensor_out.name
+    assert [(t.name, t.datatype, list(t.shape)) for t in (score, flag)] == [("unsure_score", "FP32", [-1]),
+                                                                           ("unsure", "BOOL", [-1])]
 
 
 def test_model_metadata_of_an_explicit_version_lists_only_that_version(server):

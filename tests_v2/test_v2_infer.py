@@ -37,18 +37,17 @@ def test_raw_uint8_batch_returns_one_probability_row_per_image(server, metadata,
     np.testing.assert_allclose(result.sum(axis=1), 1.0, atol=1e-4)
 
 
-def test_raw_request_gets_raw_output_contents(server, metadata, test_slice):
+def test_raw_request_gets_raw_output_contents_for_every_output(server, metadata, test_slice):
     response = infer(server, metadata, test_slice.images[:2]).get_response()
-    assert len(response.raw_output_contents) == 1
-    assert len(response.raw_output_contents[0]) == 2 * len(CLASS_NAMES) * 4
-    assert not response.outputs[0].contents.fp32_contents
+    assert [len(raw) for raw in response.raw_output_contents] == [2 * len(CLASS_NAMES) * 4, 2 * 4, 2]
+    assert not any(output.HasField("contents") for output in response.outputs)
 
 
 def test_typed_uint8_contents_give_typed_outputs_equal_to_raw(server, metadata, test_slice):
     pixels = test_slice.images[:3]
     response = server.stub.ModelInfer(typed_request(metadata, pixels), timeout=10)
     assert not response.raw_output_contents
-    (output,) = response.outputs
+    output = response.outputs[0]
     assert (output.datatype, list(output.shape)) == ("FP32", [3, len(CLASS_NAMES)])
     typed = np.array(output.contents.fp32_contents, dtype=np.float32).reshape(3, -1)
     np.testing.assert_array_equal(typed, probabilities(server, metadata, pixels))

@@ -6,8 +6,12 @@ Mapping choices (README "Open Inference Protocol"):
 - model_version "" (or "0") is the newest available version; model_name "" the default model.
 - Outputs come back as raw_output_contents when the request used raw_input_contents, else as
   typed contents.
-- Classification extension: an output requested with parameter `classification: k` comes back
-  as BYTES [N, k] "score:index:label", best first; k above the class count is clamped (as
+- Outputs: `probabilities` (FP32 [N, classes], calibrated: the native API's probabilities),
+  `unsure_score` (FP32 [N]) and `unsure` (BOOL [N]) as docs/trust.md describes; a request that
+  names no output gets all three (as Triton answers with every output). A request parameter
+  `unsure_threshold` (a number) replaces the model's threshold for that request.
+- Classification extension: `probabilities` requested with parameter `classification: k` comes
+  back as BYTES [N, k] "score:index:label", best first; k above the class count is clamped (as
   Triton does), k < 1 is refused.
 - RepositoryModelLoad rescans the repository (as ReloadModels / SIGHUP do), then answers OK if
   the model has an available version. RepositoryModelUnload is UNIMPLEMENTED: the repository
@@ -34,6 +38,7 @@ from serving.repository import ModelRepository, ServedVersion, VersionState, val
 from serving.runtime import OnnxModel
 from serving.service import InferenceCore
 from serving.status import status_of
+from serving.trust import check_threshold
 from serving.v2 import tensors
 from serving.wire import CorruptMessage, parsed, register
 
@@ -45,6 +50,8 @@ SERVER_NAME = "cifar10-serving"
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ("classification", "model_repository")
 CLASSIFICATION = "classification"
+UNSURE_SCORE, UNSURE = "unsure_score", "unsure"  # outputs beside the model's probabilities
+UNSURE_THRESHOLD = "unsure_threshold"  # the request parameter that overrides the model's threshold
 # Triton's model states, as tritonclient's get_model_repository_index() reports them.
 STATE_NAMES = {
     VersionState.AVAILABLE: "READY",
@@ -79,7 +86,13 @@ def server_version() -> str:
 @dataclass(frozen=True)
 class RequestedOutput:
     name: str
-    class_count: int | None  # None: the probabilities themselves
+    class_count: int | None = None  # probabilities as classification entries; None: as they are
+
+
+def output_specs(model: OnnxModel) -> list[tuple[str, str, list[int]]]:
+    """(name, datatype, shape) of every output a ModelInfer answer can carry."""
+    return [(model.output.name, tensors.FP32, [-1, model.num_classes]),
+            (UNSURE_SCORE, tensors.FP32, [-1]), (UNSURE, tensors.BOOL, [-1])]
 
 
 class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -161,8 +174,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 name=served.name, versions=versions, platform=PLATFORM,
                 inputs=[pb.ModelMetadataResponse.TensorMetadata(
                     name=model.input.name, datatype=tensors.UINT8, shape=model.input_shape)],
-                outputs=[pb.ModelMetadataResponse.TensorMetadata(
-                    name=model.output.name, datatype=tensors.FP32, shape=[-1, model.num_classes])],
+                outputs=[pb.ModelMetadataResponse.TensorMetadata(name=name, datatype=datatype, shape=shape)
+                         for name, datatype, shape in output_specs(model)],
             )
 
         return await self._unary("ModelMetadata", context, handler)
@@ -176,6 +189,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self._model_of(served)
         tensor = self._input_tensor(request, model)
         outputs = self._requested_outputs(request, model)
+        threshold = self._unsure_threshold(request)
         started = time.perf_counter()
         pixels = await self._to_pixels(tensor)
         self.core.observe_decode(time.perf_counter() - started, served.name, served.version)
@@ -184,15 +198,20 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # top_k also counts the images by predicted class, so every answer is counted once.
         most = max((o.class_count or 1 for o in outputs), default=1)
         ranked = self.core.top_k(outcome, min(most, outcome.probabilities.shape[1]))
+        flags = np.array(self.core.unsure(outcome, threshold), dtype=bool)
         response = pb.ModelInferResponse(
             model_name=outcome.served.name, model_version=str(outcome.served.version), id=request.id,
         )
         raw = len(request.raw_input_contents) > 0
         for output in outputs:
-            if output.class_count is None:
-                self._add_probabilities(response, output.name, outcome.probabilities, raw)
-            else:
+            if output.class_count is not None:
                 self._add_classes(response, output.name, ranked, output.class_count, raw)
+            elif output.name == UNSURE:
+                self._add_tensor(response, output.name, tensors.BOOL, flags, raw)
+            elif output.name == UNSURE_SCORE:
+                self._add_tensor(response, output.name, tensors.FP32, outcome.unsure_scores, raw)
+            else:
+                self._add_tensor(response, output.name, tensors.FP32, outcome.probabilities, raw)
         return response
 
     def _input_tensor(self, request: pb.ModelInferRequest, model: OnnxModel) -> tensors.InputTensor:
@@ -226,20 +245,36 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return tensors.InputTensor(given.name, given.datatype, tuple(given.shape), raw, values)
 
     def _requested_outputs(self, request: pb.ModelInferRequest, model: OnnxModel) -> list[RequestedOutput]:
+        names = [name for name, _, _ in output_specs(model)]
         if not request.outputs:
-            return [RequestedOutput(model.output.name, None)]
+            return [RequestedOutput(name) for name in names]
         outputs = []
         for wanted in request.outputs:
-            if wanted.name != model.output.name:
+            if wanted.name not in names:
                 raise InvalidInput(
-                    f"unexpected output '{wanted.name}' for model {model.name!r}: its output is '{model.output.name}'",
+                    f"unexpected output '{wanted.name}' for model {model.name!r}: its outputs are "
+                    + ", ".join(f"'{name}'" for name in names),
                     reason="bad_outputs",
                 )
             class_count = None
             if CLASSIFICATION in wanted.parameters:
+                if wanted.name != model.output.name:
+                    raise InvalidInput(f"output '{wanted.name}': only '{model.output.name}' takes the "
+                                       "classification parameter", reason="bad_outputs")
                 class_count = self._class_count(wanted.name, wanted.parameters[CLASSIFICATION], model.num_classes)
             outputs.append(RequestedOutput(wanted.name, class_count))
         return outputs
+
+    @staticmethod
+    def _unsure_threshold(request: pb.ModelInferRequest) -> float | None:
+        if UNSURE_THRESHOLD not in request.parameters:
+            return None
+        parameter = request.parameters[UNSURE_THRESHOLD]
+        kind = parameter.WhichOneof("parameter_choice")
+        if kind not in ("double_param", "int64_param", "uint64_param"):
+            raise InvalidInput(f"parameter '{UNSURE_THRESHOLD}' must be a number (double_param), got {kind}",
+                               reason="bad_unsure_threshold")
+        return check_threshold(float(getattr(parameter, kind)))
 
     @staticmethod
     def _class_count(name: str, parameter: pb.InferParameter, num_classes: int) -> int:
@@ -263,12 +298,14 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     @staticmethod
-    def _add_probabilities(response: pb.ModelInferResponse, name: str, probabilities: np.ndarray, raw: bool) -> None:
-        output = response.outputs.add(name=name, datatype=tensors.FP32, shape=probabilities.shape)
+    def _add_tensor(response: pb.ModelInferResponse, name: str, datatype: str, values: np.ndarray, raw: bool) -> None:
+        output = response.outputs.add(name=name, datatype=datatype, shape=values.shape)
         if raw:
-            response.raw_output_contents.append(tensors.fp32_raw(probabilities))
+            response.raw_output_contents.append(tensors.raw_bytes(values, datatype))
+        elif datatype == tensors.BOOL:
+            output.contents.bool_contents.extend(values.tolist())
         else:
-            output.contents.fp32_contents.extend(probabilities.ravel().tolist())
+            output.contents.fp32_contents.extend(values.ravel().tolist())
 
     @staticmethod
     def _add_classes(response: pb.ModelInferResponse, name: str, ranked, class_count: int, raw: bool) -> None:

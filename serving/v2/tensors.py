@@ -23,11 +23,11 @@ import numpy as np
 from serving import images as imaging
 from serving.errors import InvalidInput
 
-UINT8, FP32, BYTES = "UINT8", "FP32", "BYTES"
+UINT8, FP32, BYTES, BOOL = "UINT8", "FP32", "BYTES", "BOOL"
 IMAGE_SHAPE = (imaging.MODEL_SIZE, imaging.MODEL_SIZE, 3)
 PIXELS_PER_IMAGE = int(np.prod(IMAGE_SHAPE))
 # Little-endian on the wire whatever the host is.
-WIRE_DTYPES = {UINT8: np.dtype("u1"), FP32: np.dtype("<f4")}
+WIRE_DTYPES = {UINT8: np.dtype("u1"), FP32: np.dtype("<f4"), BOOL: np.dtype("?")}
 # The typed-contents field that carries each datatype (for messages that name it).
 CONTENTS_FIELD = {UINT8: "uint_contents", FP32: "fp32_contents", BYTES: "bytes_contents"}
 _LENGTH = struct.Struct("<I")
@@ -181,8 +181,9 @@ def join_bytes(elements: Sequence[bytes]) -> bytes:
     return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
 
 
-def fp32_raw(values: np.ndarray) -> bytes:
-    return np.ascontiguousarray(values, dtype=WIRE_DTYPES[FP32]).tobytes()
+def raw_bytes(values: np.ndarray, datatype: str) -> bytes:
+    """A numeric or BOOL output as raw_output_contents (BOOL: one byte per element, 0 or 1)."""
+    return np.ascontiguousarray(values, dtype=WIRE_DTYPES[datatype]).tobytes()
 
 
 def classification_entry(probability: float, class_index: int, label: str) -> bytes:
