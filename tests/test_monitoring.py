@@ -19,18 +19,21 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import yaml
 
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from tests.conftest import DEFAULT_MODEL, REPO_ROOT, SHIPPED_MODELS, ServerProcess, free_port, raw_image
 from tests.harness import LoggedProcess
+from training import data as cifar
 
 PROMETHEUS_DIR = REPO_ROOT / "docker" / "prometheus"
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 ALERT_RULES = PROMETHEUS_DIR / "alerts.yml"
 DASHBOARD = REPO_ROOT / "docker" / "grafana" / "dashboards" / "cifar10-serving.json"
 BROKEN_MODEL = "broken"
+DRIFT_ALERT_THRESHOLD = 0.1  # ClassifierInputDrift's (alerts.yml)
 # What Grafana would put in place of its variables; any window covering the traffic works.
 GRAFANA_SUBSTITUTIONS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "5m", "$instance": ".*"}
 
@@ -254,6 +257,7 @@ def test_every_required_alert_is_defined():
     assert names == {
         "ClassifierHighErrorRatio", "ClassifierHighLatencyP99", "ClassifierNotServing",
         "ClassifierRunningOnCpuWhenGpuRequired", "ClassifierModelLoadFailures", "ClassifierQueueSaturated",
+        "ClassifierInputDrift",
     }
 
 
@@ -319,3 +323,83 @@ def test_server_errors_show_in_the_error_ratio(prometheus):
     # 2 UNAVAILABLE among 2 * (6 + 1 + 1 stream + 4 stream messages + 3 failing) RPCs, give or take
     # how the stream is counted: above 0 (the server errors count), below 1 (client errors do not).
     assert 0 < float(sample["value"][1]) < 0.25
+
+
+# ---- drift: the default model's windows against its card's validation profile -------------------
+
+DRIFT_WINDOW = 256  # the alert needs a window this full
+
+
+@pytest.fixture(scope="module")
+def drift_watch(tmp_path_factory):
+    """A server with the shipped models (windows of DRIFT_WINDOW images), scraped every second."""
+    required_binary("prometheus")
+    workdir = tmp_path_factory.mktemp("drift")
+    server = ServerProcess("--drift-window", str(DRIFT_WINDOW))
+    prom = PrometheusProcess(workdir, f"127.0.0.1:{server.metrics_port}")
+    try:
+        prom.wait_ready()
+        yield server, prom
+    finally:
+        prom.stop()
+        server.stop()
+
+
+def fill_window(server: ServerProcess, prom: PrometheusProcess, images) -> dict[str, float]:
+    """Classify a whole window of `images`, wait for Prometheus to scrape it, and return the
+    default model's drift score per signal."""
+    assert len(images) == DRIFT_WINDOW
+    reply = server.stub.ClassifyBatch(pb.ClassifyBatchRequest(images=[raw_image(p) for p in images]), timeout=60)
+    version = reply.model_version
+    prom.wait_scrapes(2)
+    result = prom.query(f'classifier_drift_score{{model="{DEFAULT_MODEL}", version="{version}"}}')["data"]["result"]
+    return {sample["metric"]["signal"]: float(sample["value"][1]) for sample in result}
+
+
+def drift_alert_signals(prom: PrometheusProcess) -> set[str]:
+    """The signals for which the ClassifierInputDrift expression is true now (before its `for`)."""
+    (rule,) = [r for r in alert_rules() if r["alert"] == "ClassifierInputDrift"]
+    return {sample["metric"]["signal"] for sample in prom.query(rule["expr"])["data"]["result"]}
+
+
+@pytest.fixture(scope="module")
+def test_images(data_dir):
+    return cifar.load_test(data_dir)
+
+
+def test_clean_test_images_keep_every_drift_score_under_the_alert_threshold(drift_watch, test_images):
+    server, prom = drift_watch
+    scores = fill_window(server, prom, test_images.images[1000:1000 + DRIFT_WINDOW])
+    assert set(scores) == {"predicted_class", "confidence", "unsure_score", "brightness", "contrast", "colourfulness"}
+    assert max(scores.values()) < DRIFT_ALERT_THRESHOLD, scores
+    assert drift_alert_signals(prom) == set()
+
+
+def test_darkened_images_push_brightness_over_the_threshold_and_the_alert_expression_true(drift_watch, test_images):
+    server, prom = drift_watch
+    fill_window(server, prom, test_images.images[2000:2000 + DRIFT_WINDOW])
+    darkened = (test_images.images[2000:2000 + DRIFT_WINDOW] * 0.35).astype(np.uint8)
+    scores = fill_window(server, prom, darkened)
+    assert scores["brightness"] > DRIFT_ALERT_THRESHOLD, scores
+    assert "brightness" in drift_alert_signals(prom)
+
+
+def test_a_single_class_stream_pushes_the_class_mix_over_the_threshold(drift_watch, test_images):
+    server, prom = drift_watch
+    fill_window(server, prom, test_images.images[3000:3000 + DRIFT_WINDOW])
+    cats = test_images.images[test_images.labels == cifar.CLASS_NAMES.index("cat")][:DRIFT_WINDOW]
+    scores = fill_window(server, prom, cats)
+    assert scores["predicted_class"] > DRIFT_ALERT_THRESHOLD, scores
+    assert scores["brightness"] < DRIFT_ALERT_THRESHOLD  # the right signal, not every signal
+    assert "predicted_class" in drift_alert_signals(prom)
+
+
+def test_noisy_images_push_the_unsure_score_and_colourfulness_over_the_threshold(drift_watch, test_images):
+    server, prom = drift_watch
+    fill_window(server, prom, test_images.images[4000:4000 + DRIFT_WINDOW])
+    rng = np.random.default_rng(0)
+    clean = test_images.images[4000:4000 + DRIFT_WINDOW].astype(float)
+    noisy = np.clip(clean + rng.normal(0, 40, clean.shape), 0, 255).astype(np.uint8)
+    scores = fill_window(server, prom, noisy)
+    assert scores["unsure_score"] > DRIFT_ALERT_THRESHOLD and scores["colourfulness"] > DRIFT_ALERT_THRESHOLD, scores
+    assert {"unsure_score", "colourfulness"} <= drift_alert_signals(prom)

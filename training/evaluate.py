@@ -32,6 +32,14 @@ def predict(session, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     )
 
 
+def predict_outputs(session, images: np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
+    """Every output of the graph, by name, for `images` (run in batches)."""
+    name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    parts = [session.run(names, {name: images[i:i + batch_size]}) for i in range(0, len(images), batch_size)]
+    return {output: np.concatenate([part[k] for part in parts]) for k, output in enumerate(names)}
+
+
 def top1_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float((probabilities.argmax(axis=1) == labels).mean())
 

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,11 @@ import keras  # noqa: E402
 
 from training import data as cifar  # noqa: E402
 from training.card import set_metadata  # noqa: E402
-from training.evaluate import accuracy_report, predict, top1_accuracy, write_report  # noqa: E402
-from training.models import INPUT_NAME, OUTPUT_NAME, PREPROCESSING, count_macs, with_test_time_averaging  # noqa: E402
+from training import trust  # noqa: E402
+from training.evaluate import accuracy_report, predict_outputs, top1_accuracy, write_report  # noqa: E402
+from training.models import (  # noqa: E402
+    FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, PREPROCESSING, UNSURE_SCORE_NAME, FeatureDistance, count_macs,
+)
 from training.train import BEST, STATE  # noqa: E402
 
 OPSET = 17
@@ -56,22 +58,37 @@ def to_onnx(model: keras.Model):
     spec = (tf.TensorSpec((None, 32, 32, 3), tf.uint8, name=INPUT_NAME),)
     onnx_model, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
     graph = onnx_model.graph
-    old_output = graph.output[0].name
-    if old_output != OUTPUT_NAME:  # give the output a stable name
-        for node in graph.node:
-            node.output[:] = [OUTPUT_NAME if o == old_output else o for o in node.output]
-        graph.output[0].name = OUTPUT_NAME
+    for output, wanted in zip(graph.output, output_names(model)):  # stable names, in Keras's order
+        old = output.name
+        if old != wanted:
+            for node in graph.node:
+                node.output[:] = [wanted if o == old else o for o in node.output]
+                node.input[:] = [wanted if i == old else i for i in node.input]
+            output.name = wanted
     return onnx_model
 
 
+def output_names(model: keras.Model) -> list[str]:
+    """The graph's output names: OUTPUT_NAME first, then each extra output's Keras layer name."""
+    return [OUTPUT_NAME] + [tensor._keras_history.operation.name for tensor in model.outputs[1:]]
+
+
 def parity_check(model: keras.Model, session, images: np.ndarray) -> dict:
-    keras_probs = model.predict(images, batch_size=500, verbose=0)
-    onnx_probs = predict(session, images)
+    """onnxruntime against Keras on `images`: the same top-1 everywhere, probabilities within
+    PARITY_TOLERANCE, every other output within PARITY_TOLERANCE of its own scale."""
+    keras_outputs = model.predict(images, batch_size=500, verbose=0)
+    keras_outputs = keras_outputs if isinstance(keras_outputs, list) else [keras_outputs]
+    onnx_outputs = predict_outputs(session, images)
+    keras_probs, onnx_probs = keras_outputs[0], onnx_outputs[OUTPUT_NAME]
     max_diff = float(np.abs(keras_probs - onnx_probs).max())
     mismatches = int((keras_probs.argmax(1) != onnx_probs.argmax(1)).sum())
     result = {"images": len(images), "top1_mismatches": mismatches, "max_abs_probability_diff": max_diff,
               "tolerance": PARITY_TOLERANCE}
-    if mismatches or max_diff >= PARITY_TOLERANCE:
+    relative = {name: float(np.abs(k - onnx_outputs[name]).max() / max(float(np.abs(k).max()), 1e-9))
+                for name, k in zip(output_names(model)[1:], keras_outputs[1:])}
+    if relative:
+        result["max_relative_diff_other_outputs"] = relative
+    if mismatches or max_diff >= PARITY_TOLERANCE or any(r >= PARITY_TOLERANCE for r in relative.values()):
         raise ParityError(f"onnxruntime and Keras disagree: {result}")
     return result
 
@@ -108,41 +125,65 @@ def publish(staging: Path, target: Path) -> None:
         os.replace(staging, target)
 
 
-@dataclass(frozen=True)
-class TestTimeAveraging:
-    """What goes into the graph besides the trained network (models.TestTimeAverage)."""
-
-    mirror: bool = False  # also the mirror image of each image
-    partners: tuple[Path, ...] = ()  # run directories of more networks (an ensemble)
-    below: float | None = None  # only for images on which the trained network's top probability is below
-
-    def __post_init__(self):
-        if self.below is not None and not (self.mirror or self.partners):
-            raise ValueError("--average-below needs --mirror-average or --ensemble-with: there is nothing to average")
-
-    @property
-    def active(self) -> bool:
-        return self.mirror or bool(self.partners)
-
-    def describe(self) -> str:
-        if not self.active:
-            return "none"
-        views = ["the image"] + (["its left-right mirror image"] if self.mirror else [])
-        text = f"probabilities averaged over {' and '.join(views)}"
-        if self.partners:
-            text += f", by this network and {len(self.partners)} more (an ensemble: {', '.join(p.name for p in self.partners)})"
-        if self.below is not None:
-            text += f"; only for the images on which this network alone has a top probability below {self.below}"
-        return text
+# The pooled activations the unsure score looks at, and whether each is modelled per class:
+# the penultimate features per class (what the network knows of each class), the earlier
+# blocks' channel means as one Gaussian each (what natural images look like to it at all).
+# Chosen on validation against training/ood.py's development families (bench/NOTES.md).
+SCORE_LAYERS: tuple[tuple[str, str, bool], ...] = (
+    ("features", "identity", True),
+    ("block1", "mean", False),
+    ("block2", "mean", False),
+)
+FIT_IMAGES = 20_000  # training images the feature distance is fitted on (un-augmented)
 
 
-def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: Path,
-           averaging: TestTimeAveraging = TestTimeAveraging()) -> dict:
+def has_feature_outputs(trained: keras.Model) -> bool:
+    return any(layer.name == FEATURES_NAME for layer in trained.layers)
+
+
+def score_inputs(trained: keras.Model) -> list:
+    """The tensors SCORE_LAYERS names, pooled: what FeatureDistance takes."""
+    tensors = []
+    for name, pooling, _ in SCORE_LAYERS:
+        output = trained.get_layer(name).output
+        tensors.append(output if pooling == "identity" else keras.ops.mean(output, axis=(1, 2)))
+    return tensors
+
+
+def serving_graph(trained: keras.Model, fitted: list[tuple] | None = None) -> keras.Model:
+    """What goes into model.onnx: the probabilities first, then (for networks with a
+    `features` layer) the features, the logits and the unsure score (models.FeatureDistance,
+    with `fitted` parameters from training.trust)."""
+    if not has_feature_outputs(trained):
+        return trained
+    score = FeatureDistance([(10 if by_class else 1, int(t.shape[-1])) for t, (_, _, by_class)
+                             in zip(score_inputs(trained), SCORE_LAYERS)], name=UNSURE_SCORE_NAME)
+    outputs = [trained.output, trained.get_layer(FEATURES_NAME).output, trained.get_layer("logits").output,
+               score(score_inputs(trained))]
+    graph = keras.Model(trained.input, outputs, name=trained.name)
+    if fitted is not None:
+        graph.get_layer(UNSURE_SCORE_NAME).set_fitted(fitted)
+    return graph
+
+
+def fit_unsure_score(trained: keras.Model, fit: cifar.Split, validation: cifar.Split) -> list[tuple]:
+    """FeatureDistance's parameters: Gaussians of FIT_IMAGES training images' pooled
+    activations, the log distances standardised on the validation split."""
+    probe = keras.Model(trained.input, score_inputs(trained))
+    chosen = np.random.default_rng(0).choice(len(fit), min(FIT_IMAGES, len(fit)), replace=False)
+    train_features = probe.predict(fit.images[chosen], batch_size=500, verbose=0)
+    validation_features = probe.predict(validation.images, batch_size=500, verbose=0)
+    return trust.fit_feature_distance(train_features, fit.labels[chosen], validation_features,
+                                      [by_class for _, _, by_class in SCORE_LAYERS])
+
+
+def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: Path) -> dict:
     state = json.loads((run_dir / STATE).read_text())
+    recipe = state["recipe"]
     trained = keras.saving.load_model(run_dir / BEST, compile=False)
-    partners = tuple(keras.saving.load_model(partner / BEST, compile=False) for partner in averaging.partners)
-    model = with_test_time_averaging(trained, partners, averaging.mirror, averaging.below) \
-        if averaging.active else trained
+    fit, validation = cifar.train_validation_split(cifar.load_train(data_dir), recipe["validation_size"], recipe["seed"])
+    fitted = fit_unsure_score(trained, fit, validation) if has_feature_outputs(trained) else None
+    model = serving_graph(trained, fitted)
     test = cifar.load_test(data_dir)
     onnx_model = to_onnx(model)
     repository.mkdir(parents=True, exist_ok=True)
@@ -151,37 +192,31 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
     try:
         session = ort_session_from_proto(onnx_model)
         parity = parity_check(model, session, test.images[:PARITY_IMAGES])
-        report = accuracy_report(predict(session, test.images), test.labels)
-        validation = validation_split(data_dir, state["recipe"])
-        validation_accuracy = top1_accuracy(predict(session, validation.images), validation.labels)
-        # The share of images that get the extra views: all, none, or (gated) those the trained
-        # network alone is unsure of, counted on the test set; MACs follow.
-        extra_fraction = float(averaging.active) if averaging.below is None else float(
-            (predict(ort_session_from_proto(to_onnx(trained)), test.images).max(axis=1) < averaging.below).mean())
-        views = 2 if averaging.mirror else 1
-        trained_macs = count_macs(trained)
-        extra_macs = trained_macs * (views - 1) + sum(count_macs(p) * views for p in partners)
-        macs = round(trained_macs + extra_fraction * extra_macs)
-        recipe = state["recipe"]
-        # A weight-averaging run (training/average.py) continues a parent run: count both.
-        weight_averaging = state.get("weight_averaging", {})
+        test_outputs = predict_outputs(session, test.images)
+        report = accuracy_report(test_outputs[OUTPUT_NAME], test.labels)
+        validation_outputs = predict_outputs(session, validation.images)
+        validation_accuracy = top1_accuracy(validation_outputs[OUTPUT_NAME], validation.labels)
+        trust_blocks = trust.trust_card_blocks(lambda images: predict_outputs(session, images),
+                                               validation, validation_outputs, test, test_outputs)
+        macs = count_macs(trained)
         history = state.get("parent_history", []) + state.get("history", [])
         train_seconds = state["train_seconds"] + state.get("parent_train_seconds", 0.0)
+        weight_averaging = state.get("weight_averaging", {})
         card = {
             "name": name, "version": version, "format": "onnx", "opset": OPSET,
             "architecture": model.name, "class_names": list(cifar.CLASS_NAMES),
             "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [-1, 32, 32, 3], "layout": "NHWC",
                       "range": "0..255 RGB"},
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, 10],
-                       "meaning": "softmax probabilities, one per class_names entry"},
+                       "meaning": "softmax probabilities, one per class_names entry, before calibration "
+                                  "(the server serves them calibrated: see calibration)"},
+            "outputs": output_descriptions(model),
             "preprocessing": PREPROCESSING,
-            "test_time_augmentation": averaging.describe(),
-            "averaged_fraction": round(extra_fraction, 4),
-            "ensemble": [partner_summary(path) for path in averaging.partners],
+            "test_time_augmentation": "none",
             "test_accuracy": report["test_accuracy"],
             "per_class_accuracy": report["per_class_accuracy"],
-            # The exported graph (test-time averaging included) on the run's validation split.
             "validation_accuracy": round(validation_accuracy, 4),
+            **trust_blocks,
             "training": {
                 "recipe": recipe, "backend": state["backend"],
                 "epochs": state["epochs_done"] + weight_averaging.get("parent_epochs", 0),
@@ -195,12 +230,13 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
                 # and the median says what an undisturbed epoch takes.
                 "epoch_seconds": [entry["seconds"] for entry in history],
                 "median_epoch_seconds": median_epoch_seconds(history),
+                "median_epoch_x_epochs_seconds": round((median_epoch_seconds(history) or 0) * len(history), 1),
                 "train_images": state["train_images"], "validation_images": state["validation_images"],
                 "machine": state.get("machine", f"{os.cpu_count()} CPU cores"),
             },
             "data_provenance": DATA_PROVENANCE,
-            "parameters": int(trained.count_params()) + sum(int(p.count_params()) for p in partners),
-            "macs_per_image": macs, "flops_per_image": 2 * macs,  # averaged over the test set when gated
+            "parameters": int(trained.count_params()),
+            "macs_per_image": macs, "flops_per_image": 2 * macs,
             "parity": parity,
             "source_commit": source_commit(),
             "exported_with": versions(),
@@ -220,16 +256,17 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
     return card
 
 
-def validation_split(data_dir: Path, recipe: dict) -> cifar.Split:
-    _, validation = cifar.train_validation_split(cifar.load_train(data_dir), recipe["validation_size"], recipe["seed"])
-    return validation
+OUTPUT_MEANINGS = {
+    OUTPUT_NAME: "softmax probabilities [N, 10], before calibration",
+    FEATURES_NAME: "the penultimate activations [N, 256] (global max pooling of the last block)",
+    "logits": "the scaled logits [N, 10] the probabilities are the softmax of",
+    UNSURE_SCORE_NAME: "[N] feature-space distance from the training images (models.FeatureDistance): "
+                       "higher is less like the training data",
+}
 
 
-def partner_summary(run_dir: Path) -> dict:
-    state = json.loads((run_dir / STATE).read_text())
-    return {"run": run_dir.name, "recipe": state["recipe"]["name"],
-            "validation_accuracy": round(state.get("best_val_accuracy", 0.0), 4),
-            "train_seconds": round(state["train_seconds"] + state.get("parent_train_seconds", 0.0), 1)}
+def output_descriptions(model: keras.Model) -> list[dict]:
+    return [{"name": name, "meaning": OUTPUT_MEANINGS[name]} for name in output_names(model)]
 
 
 def median_epoch_seconds(history: list[dict]) -> float | None:
@@ -250,19 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="cifar10")
     parser.add_argument("--version", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--mirror-average", action="store_true",
-                        help="put test-time augmentation in the graph: average the probabilities of each "
-                             "image and its mirror image (twice the compute per image)")
-    parser.add_argument("--ensemble-with", type=Path, action="append", default=[], metavar="RUN_DIR",
-                        help="average in the probabilities of another run's network (repeatable)")
-    parser.add_argument("--average-below", type=float, default=None, metavar="P",
-                        help="the mirror / ensemble views only for the images on which the network alone has "
-                             "a top probability below P (choose P on the validation split)")
     args = parser.parse_args(argv)
     data_dir = cifar.data_dir_or_exit(args.data_dir, allow_download=True)
     try:
-        averaging = TestTimeAveraging(args.mirror_average, tuple(args.ensemble_with), args.average_below)
-        card = export(args.run_dir, args.repository, args.name, args.version, data_dir, averaging)
+        card = export(args.run_dir, args.repository, args.name, args.version, data_dir)
     except (cifar.DatasetError, ParityError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

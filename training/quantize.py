@@ -24,8 +24,10 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from training import data as cifar
+from training import trust
 from training.card import set_metadata
-from training.evaluate import accuracy_report, ort_session, predict, top1_accuracy, write_report
+from training.evaluate import accuracy_report, ort_session, predict_outputs, top1_accuracy, write_report
+from training.models import OUTPUT_NAME, UNSURE_SCORE_NAME
 
 CALIBRATION_IMAGES = 1024
 CALIBRATION_SEED = 7
@@ -64,28 +66,37 @@ def quantize(source: Path, repository: Path, name: str, version: int, data_dir: 
         prepared = staging / "prepared.onnx"
         quant_pre_process(str(source / "model.onnx"), str(prepared), skip_symbolic_shape=True)
         input_name = ort_session(prepared).get_inputs()[0].name
+        # The unsure score's distance arithmetic stays in float: int8 would blur the distances
+        # that decide the flag, and it is a sliver of the compute.
+        kept_in_float = [node.name for node in onnx.load(prepared).graph.node if UNSURE_SCORE_NAME in node.name]
         quantize_static(
             str(prepared), str(staging / "model.onnx"), TrainingImages(input_name, calibration),
             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            per_channel=True, reduce_range=True,
+            per_channel=True, reduce_range=True, nodes_to_exclude=kept_in_float,
         )
         prepared.unlink()
         quantized = staging / "model.onnx"
         session = ort_session(quantized)
-        report = accuracy_report(predict(session, test.images), test.labels)
+        test_outputs = predict_outputs(session, test.images)
+        report = accuracy_report(test_outputs[OUTPUT_NAME], test.labels)
         recipe = fp32_card["training"]["recipe"]
         _, validation = cifar.train_validation_split(train, recipe["validation_size"], recipe["seed"])
-        validation_accuracy = top1_accuracy(predict(session, validation.images), validation.labels)
+        validation_outputs = predict_outputs(session, validation.images)
+        validation_accuracy = top1_accuracy(validation_outputs[OUTPUT_NAME], validation.labels)
+        # Calibration, threshold and drift reference refitted on this file's own outputs.
+        trust_blocks = trust.trust_card_blocks(lambda images: predict_outputs(session, images),
+                                               validation, validation_outputs, test, test_outputs)
         batch = test.images[:64]
         fp32_speed = images_per_second(source / "model.onnx", batch, threads)
         int8_speed = images_per_second(quantized, batch, threads)
         card = {
-            # The fp32 graph's parity, file hash and gate statistics do not describe this file.
-            **{k: v for k, v in fp32_card.items() if k not in ("parity", "sha256", "averaged_fraction")},
+            # The fp32 graph's parity and file hash do not describe this file; its trust blocks are refitted below.
+            **{k: v for k, v in fp32_card.items() if k not in ("parity", "sha256")},
             "name": name, "version": version,
             "test_accuracy": report["test_accuracy"],
             "validation_accuracy": round(validation_accuracy, 4),
             "per_class_accuracy": report["per_class_accuracy"],
+            **trust_blocks,
             "quantization": {
                 "method": "onnxruntime quantize_static, QDQ, U8S8 (uint8 activations, int8 per-channel weights), reduce_range",
                 "calibration": f"{CALIBRATION_IMAGES} random training images (seed {CALIBRATION_SEED}), MinMax",

@@ -16,19 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving import trust as served
+from serving.trust import softmax
+
 ECE_BINS = 15
 UNSURE_VALIDATION_RATE = 0.05  # at most this share of in-distribution validation images flagged
-TINY = 1e-30  # log(0) guard: float32 softmax underflows to exactly 0 for far-off classes
 
 
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
-    return np.log(np.maximum(probabilities.astype(np.float64), TINY))
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return np.log(np.maximum(probabilities.astype(np.float64), served.TINY))
 
 
 def nll(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -58,7 +54,8 @@ class Calibration:
     shift: tuple[float, ...]
 
     def apply(self, probabilities: np.ndarray) -> np.ndarray:
-        return softmax(log_probabilities(probabilities) * np.asarray(self.scale) + np.asarray(self.shift))
+        """What the server will serve: its own code, on the card's (rounded) parameters."""
+        return served.Calibration.from_card(self.to_card(), len(self.scale)).apply(probabilities)
 
     def to_card(self) -> dict:
         if self.method == "temperature":
@@ -154,3 +151,177 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # tied values share their mean rank
     n_in, n_out = len(in_scores), len(out_scores)
     return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
+
+
+# ---- the feature-space distance behind `unsure_score` (models.FeatureDistance) ----------------
+
+COVARIANCE_SHRINK = 1e-3  # of the mean variance, added to the diagonal: keeps the inverse stable
+
+
+def fit_gaussian(features: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (the class means with `labels`, else the overall mean) and a whitening matrix W
+    with W W^T the inverse of the shared (within-class) covariance, shrunk towards a multiple
+    of the identity."""
+    x = features.astype(np.float64)
+    if labels is None:
+        centres = x.mean(axis=0, keepdims=True)
+        residuals = x - centres
+    else:
+        centres = np.stack([x[labels == c].mean(axis=0) for c in range(int(labels.max()) + 1)])
+        residuals = x - centres[labels]
+    covariance = residuals.T @ residuals / len(x)
+    covariance += COVARIANCE_SHRINK * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
+    whitening = np.linalg.cholesky(np.linalg.inv(covariance))
+    return centres.astype(np.float32), whitening.astype(np.float32)
+
+
+def squared_distance(features: np.ndarray, centres: np.ndarray, whitening: np.ndarray) -> np.ndarray:
+    """min over centres of ||(f - c) W||^2, per row (what FeatureDistance computes in the graph)."""
+    fw, cw = features.astype(np.float64) @ whitening, centres.astype(np.float64) @ whitening
+    squared = (fw * fw).sum(axis=1, keepdims=True) - 2 * fw @ cw.T + (cw * cw).sum(axis=1)[None, :]
+    return np.maximum(squared.min(axis=1), 1e-12)
+
+
+def fit_feature_distance(train_features: list[np.ndarray], train_labels: np.ndarray,
+                         validation_features: list[np.ndarray], per_class: list[bool]) -> list[tuple]:
+    """(centres, whitening, (mean, std) of the log distance on validation) per feature layer,
+    as FeatureDistance.set_fitted takes them."""
+    fitted = []
+    for train, validation, by_class in zip(train_features, validation_features, per_class):
+        centres, whitening = fit_gaussian(train, train_labels if by_class else None)
+        log_distance = np.log(squared_distance(validation, centres, whitening))
+        fitted.append((centres, whitening, np.array([log_distance.mean(), log_distance.std()], dtype=np.float32)))
+    return fitted
+
+
+# ---- the drift reference (serving/drift.py reads it) --------------------------------------------
+
+DRIFT_BINS = 10
+
+
+def drift_reference(images: np.ndarray, calibrated: np.ndarray, scores: np.ndarray) -> dict:
+    """Each drift signal's distribution on the validation split: the predicted-class mix, and
+    for the others `DRIFT_BINS` bins cut at validation quantiles (so each holds ~1/DRIFT_BINS)."""
+    from serving.drift import PREDICTED_CLASS, bin_fractions, signal_values
+
+    signals = {}
+    for name, values in signal_values(images, calibrated, scores).items():
+        if name == PREDICTED_CLASS:
+            edges = np.arange(calibrated.shape[1] - 1) + 0.5
+        else:
+            edges = np.unique(np.quantile(values, np.arange(1, DRIFT_BINS) / DRIFT_BINS))
+        fractions = bin_fractions(values, edges, len(edges) + 1)
+        signals[name] = {"edges": [round(float(e), 6) for e in edges],
+                         "fractions": [round(float(f), 6) for f in fractions / fractions.sum()]}
+    return {"images": len(images), "split": "validation", "divergence": "jensen-shannon, base 2",
+            "signals": signals}
+
+
+# ---- everything the card says about trust, from the exported graph's own outputs -------------
+
+OOD_IMAGES = 500  # per offline OOD family (training/ood.py)
+OOD_SEED = 2026
+
+
+def trust_card_blocks(run, validation, validation_outputs: dict, test, test_outputs: dict) -> dict:
+    """The card's `calibration`, `unsure` and `drift_reference` blocks for a graph, fitted on
+    the validation split; the test figures are an evaluation only. `run(images)` gives the
+    graph's outputs by name (the OOD families are run through it)."""
+    from serving.trust import MAX_PROBABILITY
+    from training import ood
+
+    probabilities, labels = validation_outputs["probabilities"], validation.labels
+    calibration, selection = choose_calibration(probabilities, labels)
+    calibrated = calibration.apply(probabilities)
+    test_calibrated = calibration.apply(test_outputs["probabilities"])
+    score = "unsure_score" if "unsure_score" in validation_outputs else MAX_PROBABILITY
+
+    def scores(outputs: dict, calibrated_probabilities: np.ndarray) -> np.ndarray:
+        if score == MAX_PROBABILITY:
+            return 1.0 - calibrated_probabilities.max(axis=1)
+        return outputs[score].astype(np.float64)
+
+    validation_scores, test_scores = scores(validation_outputs, calibrated), scores(test_outputs, test_calibrated)
+    threshold = unsure_threshold(validation_scores)
+    families = {}
+    for kind, group in (("development", ood.DEVELOPMENT), ("held_out", ood.HELD_OUT)):
+        for family, images in ood.build(group, validation.images, OOD_IMAGES, OOD_SEED).items():
+            outputs = run(images)
+            family_scores = scores(outputs, calibration.apply(outputs["probabilities"]))
+            families[family] = {"kind": kind, "flagged": round(flag_rates(family_scores, threshold), 4),
+                                "auroc_against_test": round(auroc(test_scores, family_scores), 4)}
+    return {
+        "calibration": {
+            **calibration.to_card(), "fitted_on": f"validation split ({len(labels)} images)",
+            "selection": selection,
+            "validation": calibration_figures(probabilities, calibrated, labels),
+            "test": calibration_figures(test_outputs["probabilities"], test_calibrated, test.labels),
+            "ece_bins": ECE_BINS,
+        },
+        "unsure": {
+            "score": score, "threshold": round(threshold, 6),
+            "higher_means": "less like the training data",
+            "chosen_on": f"validation split: at most {UNSURE_VALIDATION_RATE:.0%} of its images above the threshold",
+            "validation_flagged": round(flag_rates(validation_scores, threshold), 4),
+            "test_flagged": round(flag_rates(test_scores, threshold), 4),
+            "test_flagged_wrong": round(flag_rates(test_scores[test_calibrated.argmax(1) != test.labels], threshold), 4),
+            "test_flagged_right": round(flag_rates(test_scores[test_calibrated.argmax(1) == test.labels], threshold), 4),
+            "ood_families": families,
+            "ood_images_per_family": OOD_IMAGES,
+        },
+        "drift_reference": drift_reference(validation.images, calibrated, validation_scores),
+    }
+
+
+def add_to_card(version_dir, data_dir) -> dict:
+    """Fit the trust blocks for an already exported version (model.onnx untouched, so its sha256
+    and bit-exact accuracy stand) and write them into its model_card.json. For versions exported
+    before trust scores existed; new exports and quantizations fit them themselves."""
+    import json
+    from pathlib import Path
+
+    from training import data as cifar
+    from training.evaluate import ort_session, predict_outputs
+
+    version_dir = Path(version_dir)
+    card_path = version_dir / "model_card.json"
+    card = json.loads(card_path.read_text())
+    recipe = card["training"]["recipe"]
+    _, validation = cifar.train_validation_split(cifar.load_train(data_dir), recipe["validation_size"], recipe["seed"])
+    test = cifar.load_test(data_dir)
+    session = ort_session(version_dir / "model.onnx")
+
+    def run(images: np.ndarray) -> dict:
+        return predict_outputs(session, images)
+
+    blocks = trust_card_blocks(run, validation, run(validation.images), test, run(test.images))
+    card.update(blocks)
+    card["trust_fitted"] = ("after export, by python -m training.trust, on this file's outputs; the ONNX "
+                            "metadata holds the card as exported, without these blocks")
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return blocks
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m training.trust models/cifar10/1 [models/cifar10-int8/1 ...]"""
+    import argparse
+    import json
+
+    from training import data as cifar
+
+    parser = argparse.ArgumentParser(description=add_to_card.__doc__)
+    parser.add_argument("version_dirs", nargs="+")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    data_dir = cifar.data_dir_or_exit(args.data_dir)
+    for version_dir in args.version_dirs:
+        blocks = add_to_card(version_dir, data_dir)
+        summary = {"calibration": {k: blocks["calibration"][k] for k in ("method", "validation", "test")},
+                   "unsure": {k: v for k, v in blocks["unsure"].items() if k != "ood_families"},
+                   "ood_flagged": {k: v["flagged"] for k, v in blocks["unsure"]["ood_families"].items()}}
+        print(version_dir, json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
