@@ -125,6 +125,14 @@ def test_crops_and_flips_are_seeded_crops_of_the_padded_image():
         assert windows
 
 
+def test_alternating_flips_mirror_each_image_in_exactly_one_of_two_consecutive_epochs():
+    epochs = [augment.alternating_flips(1000, epoch, seed=3) for epoch in range(4)]
+    assert 400 < epochs[0].sum() < 600  # a random half first
+    for before, after in zip(epochs, epochs[1:]):
+        assert np.array_equal(before, ~after)
+    assert np.array_equal(epochs[0], augment.alternating_flips(1000, 0, seed=3))  # seeded: the same after --resume
+
+
 def test_cutout_fills_one_square_clipped_at_the_border_with_the_fill_colour():
     fill = np.array([125, 123, 114], dtype=np.uint8)
     x = np.zeros((200, 32, 32, 3), dtype=np.uint8)
@@ -176,24 +184,6 @@ def test_export_writes_a_verified_model_with_its_card_in_the_metadata(trained):
     assert (version_dir / "confusion_matrix.png").stat().st_size > 0
 
 
-def test_mirror_averaged_export_averages_each_image_with_its_mirror(trained, data_dir, test_slice):
-    run_dir, repo = trained
-    run_module("training.export", "--run-dir", str(run_dir), "--repository", str(repo), "--name", "simple-tta",
-               "--version", "1", "--data-dir", str(data_dir), "--mirror-average")
-    plain_dir, averaged_dir = repo / "simple" / "3", repo / "simple-tta" / "1"
-    plain, averaged = (ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
-                       for d in (plain_dir, averaged_dir))
-    images = test_slice.images[:5]
-    (expected_left,), (expected_right,) = (plain.run(None, {"images": x}) for x in (images, images[:, :, ::-1].copy()))
-    (probs,) = averaged.run(None, {"images": images})
-    assert probs.shape == (5, 10)
-    assert np.allclose(probs, (expected_left + expected_right) / 2, atol=1e-6)
-    card, plain_card = (json.loads((d / "model_card.json").read_text()) for d in (averaged_dir, plain_dir))
-    assert "mirror" in card["test_time_augmentation"] and plain_card["test_time_augmentation"] == "none"
-    assert card["flops_per_image"] == 2 * plain_card["flops_per_image"]
-    assert card["parity"]["top1_mismatches"] == 0
-
-
 def trainable_weight_sums(*model_paths) -> list[float]:
     """Sum of |w| over each saved Keras model's trainable weights (in a child: no TensorFlow here)."""
     script = ("import sys, numpy as np, keras\n"
@@ -201,60 +191,6 @@ def trainable_weight_sums(*model_paths) -> list[float]:
               "    model = keras.saving.load_model(path, compile=False)\n"
               "    print(sum(float(np.abs(np.asarray(w)).sum()) for w in model.trainable_weights))")
     return [float(line) for line in run_python("-c", script, *map(str, model_paths)).stdout.split()]
-
-
-def test_gated_mirror_export_mirrors_only_the_images_the_model_is_unsure_of(trained, data_dir, test_slice):
-    run_dir, repo = trained
-    plain_dir = repo / "simple" / "3"
-    plain = ort.InferenceSession(str(plain_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    images = test_slice.images[:16]
-    (left,), (right,) = (plain.run(None, {"images": x}) for x in (images, images[:, :, ::-1].copy()))
-    below = float(np.median(left.max(axis=1)))  # half the images on each side of the gate
-    run_module("training.export", "--run-dir", str(run_dir), "--repository", str(repo), "--name", "simple-gated",
-               "--version", "1", "--data-dir", str(data_dir), "--mirror-average", "--average-below", str(below))
-    gated_dir = repo / "simple-gated" / "1"
-    gated = ort.InferenceSession(str(gated_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    unsure = left.max(axis=1) < below
-    assert 0 < unsure.sum() < len(images)
-    (probs,) = gated.run(None, {"images": images})
-    assert np.allclose(probs[unsure], (left[unsure] + right[unsure]) / 2, atol=1e-6)
-    assert np.allclose(probs[~unsure], left[~unsure], atol=1e-6)
-    for subset in (images[~unsure][:1], images[unsure][:1], images[:0]):  # no image mirrored, one, an empty batch
-        assert gated.run(None, {"images": subset})[0].shape == (len(subset), 10)
-    card, plain_card = (json.loads((d / "model_card.json").read_text()) for d in (gated_dir, plain_dir))
-    assert f"below {below}" in card["test_time_augmentation"] and 0 < card["averaged_fraction"] < 1
-    assert plain_card["flops_per_image"] < card["flops_per_image"] < 2 * plain_card["flops_per_image"]
-    assert card["parity"]["top1_mismatches"] == 0
-
-
-def test_ensemble_export_averages_the_networks(trained, data_dir, test_slice, tmp_path):
-    run_dir, repo = trained
-    partner = tmp_path / "partner"
-    run_module("training.train", "--recipe", "simple", "--epochs", "1", "--limit", "512", "--run-dir", str(partner),
-               "--data-dir", str(data_dir))
-    for source, name, extra in ((partner, "partner", ()), (run_dir, "simple-ensemble", ("--ensemble-with", str(partner)))):
-        run_module("training.export", "--run-dir", str(source), "--repository", str(repo), "--name", name,
-                   "--version", "1", "--data-dir", str(data_dir), *extra)
-    dirs = {name: repo / name / version for name, version in
-            (("simple", "3"), ("partner", "1"), ("simple-ensemble", "1"))}
-    sessions = {name: ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
-                for name, d in dirs.items()}
-    images = test_slice.images[:8]
-    probs = {name: session.run(None, {"images": images})[0] for name, session in sessions.items()}
-    assert np.allclose(probs["simple-ensemble"], (probs["simple"] + probs["partner"]) / 2, atol=1e-6)
-    cards = {name: json.loads((d / "model_card.json").read_text()) for name, d in dirs.items()}
-    assert cards["simple-ensemble"]["parameters"] == cards["simple"]["parameters"] + cards["partner"]["parameters"]
-    assert cards["simple-ensemble"]["ensemble"][0]["run"] == "partner"
-    assert cards["simple-ensemble"]["flops_per_image"] == 2 * cards["simple"]["flops_per_image"]
-
-
-def test_averaging_below_a_confidence_with_nothing_to_average_is_refused(trained, data_dir, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "training.export", "--run-dir", str(trained[0]), "--repository", str(tmp_path),
-         "--data-dir", str(data_dir), "--average-below", "0.7"], cwd=REPO_ROOT, capture_output=True, text=True,
-        timeout=300)
-    assert result.returncode == 1 and "nothing to average" in result.stderr
-    assert not any(tmp_path.iterdir())
 
 
 def test_weight_averaging_continues_a_run_and_exports_the_average(trained, data_dir, tmp_path):
@@ -278,6 +214,87 @@ def test_weight_averaging_continues_a_run_and_exports_the_average(trained, data_
     training = json.loads((repo / "simple-swa" / "1" / "model_card.json").read_text())["training"]
     assert training["epochs"] == EPOCHS + 2 and len(training["epoch_seconds"]) == EPOCHS + 2
     assert training["weight_averaging"]["cycles"] == 2
+
+
+# ---- the default's network and training (the `fast` recipe, tiny) --------------------------------
+
+WHITENED_OUTPUTS = ["probabilities", "features", "logits", "unsure_score"]
+
+
+@pytest.fixture(scope="module")
+def whitened(tmp_path_factory, data_dir):
+    """Two epochs of the `fast` recipe (the patch-whitened net, grouped SGD, Lookahead) on 1,024
+    images, exported with its trust blocks and quantized, into a temp repository."""
+    root = tmp_path_factory.mktemp("whitened")
+    run_dir, repo = root / "run", root / "models"
+    run_module("training.train", "--recipe", "fast", "--epochs", "2", "--limit", "1024", "--run-dir", str(run_dir),
+               "--data-dir", str(data_dir))
+    run_module("training.export", "--run-dir", str(run_dir), "--repository", str(repo), "--name", "tiny",
+               "--version", "2", "--data-dir", str(data_dir), "--fit-images", "1000")
+    run_module("training.quantize", "--source", str(repo / "tiny" / "2"), "--repository", str(repo),
+               "--name", "tiny-int8", "--version", "2", "--data-dir", str(data_dir))
+    return run_dir, repo
+
+
+def test_the_whitened_recipe_saves_its_lookahead_state_and_resumes_from_it(whitened, tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    shutil.copytree(whitened[0], run_dir)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["epochs_done"] == 2 and state["recipe"]["lookahead"] and (run_dir / "lookahead.npz").exists()
+    result = run_module("training.train", "--recipe", "fast", "--epochs", "2", "--limit", "1024",
+                        "--run-dir", str(run_dir), "--data-dir", str(data_dir), "--resume")
+    assert "resuming fast after epoch 2" in result.stdout
+    assert json.loads((run_dir / "state.json").read_text())["history"] == state["history"]
+
+
+def test_the_whitened_export_gives_probabilities_first_then_features_logits_and_the_unsure_score(whitened, test_slice):
+    version_dir = whitened[1] / "tiny" / "2"
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == WHITENED_OUTPUTS
+    probabilities, features, logits, score = session.run(None, {"images": test_slice.images[:8]})
+    assert probabilities.shape == logits.shape == (8, 10) and features.shape == (8, 256) and score.shape == (8,)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(probabilities, exp / exp.sum(axis=1, keepdims=True), atol=1e-6)
+    card = json.loads((version_dir / "model_card.json").read_text())
+    assert [o["name"] for o in card["outputs"]] == WHITENED_OUTPUTS
+    assert set(card["parity"]["max_relative_diff_other_outputs"]) == set(WHITENED_OUTPUTS[1:])
+    assert card["test_time_augmentation"] == "none" and card["training"]["recipe"]["architecture"] == "whitened"
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-int8"])
+def test_the_export_fits_calibration_the_unsure_threshold_and_the_drift_reference_on_validation(whitened, name):
+    card = json.loads((whitened[1] / name / "2" / "model_card.json").read_text())
+    calibration = card["calibration"]["validation"]
+    assert card["calibration"]["method"] in ("temperature", "vector")
+    assert calibration["nll_after"] <= calibration["nll_before"] + 1e-4  # fitted on these very images
+    unsure = card["unsure"]
+    assert unsure["score"] == "unsure_score" and unsure["validation_flagged"] <= 0.05
+    assert set(unsure["ood_families"]) >= {"uniform_noise", "blank", "pixel_shuffle", "gaussian_noise"}
+    signals = card["drift_reference"]["signals"]
+    assert set(signals) == {"predicted_class", "confidence", "unsure_score", "brightness", "contrast", "colourfulness"}
+    for signal in signals.values():
+        assert len(signal["fractions"]) == len(signal["edges"]) + 1 and abs(sum(signal["fractions"]) - 1) < 1e-3
+
+
+def test_the_feature_distance_layer_computes_the_numpy_mahalanobis_distance():
+    """models.FeatureDistance (in the graph) against training.trust's numpy reference, on random features."""
+    script = ("import numpy as np, keras\n"
+              "from training.models import FeatureDistance\n"
+              "from training import trust\n"
+              "rng = np.random.default_rng(0)\n"
+              "train = [rng.normal(size=(500, 6)) * [1, 2, 3, 1, 1, 5], rng.normal(size=(500, 4))]\n"
+              "labels = rng.integers(0, 10, 500)\n"
+              "val = [rng.normal(size=(50, 6)), rng.normal(size=(50, 4))]\n"
+              "fitted = trust.fit_feature_distance(train, labels, val, [True, False])\n"
+              "layer = FeatureDistance([(10, 6), (1, 4)])\n"
+              "layer.build([(None, 6), (None, 4)])\n"
+              "layer.set_fitted(fitted)\n"
+              "query = [rng.normal(size=(7, 6)) * 3, rng.normal(size=(7, 4))]\n"
+              "graph = np.asarray(layer([q.astype('float32') for q in query]))\n"
+              "expected = np.max([(np.log(trust.squared_distance(q, c, w)) - s[0]) / s[1]\n"
+              "                   for q, (c, w, s) in zip(query, fitted)], axis=0)\n"
+              "print(float(np.abs(graph - expected).max()))")
+    assert float(run_python("-c", script).stdout.split()[-1]) < 1e-3
 
 
 @pytest.mark.parametrize("model", ["cifar10", "cifar10-int8"])
@@ -316,7 +333,8 @@ def test_int8_variant_is_loadable_accurate_and_served_under_its_own_name(trained
     assert json.loads(metadata["test_accuracy"]) == card["test_accuracy"]  # the int8 figures, not fp32's
     assert json.loads(metadata["quantization"]) == card["quantization"] and "sha256" not in metadata
     fp32_card = json.loads((trained[1] / "simple" / "3" / "model_card.json").read_text())
-    assert "averaged_fraction" in fp32_card and "averaged_fraction" not in card  # the fp32 graph's gate statistic
+    assert card["calibration"]["validation"]["accuracy"] == card["validation_accuracy"]  # refitted on the int8 file
+    assert card["calibration"] is not fp32_card["calibration"] and card["unsure"]["validation_flagged"] <= 0.05
     assert 0 < card["validation_accuracy"] <= 1  # measured on the int8 file itself
     server = ServerProcess("--default-model", "simple", repository=trained[1])
     try:

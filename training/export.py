@@ -33,6 +33,7 @@ from training import trust  # noqa: E402
 from training.evaluate import accuracy_report, predict_outputs, top1_accuracy, write_report  # noqa: E402
 from training.models import (  # noqa: E402
     FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, PREPROCESSING, UNSURE_SCORE_NAME, FeatureDistance, count_macs,
+    with_exportable_gelu,
 )
 from training.train import BEST, STATE  # noqa: E402
 
@@ -166,23 +167,25 @@ def serving_graph(trained: keras.Model, fitted: list[tuple] | None = None) -> ke
     return graph
 
 
-def fit_unsure_score(trained: keras.Model, fit: cifar.Split, validation: cifar.Split) -> list[tuple]:
-    """FeatureDistance's parameters: Gaussians of FIT_IMAGES training images' pooled
+def fit_unsure_score(trained: keras.Model, fit: cifar.Split, validation: cifar.Split,
+                     fit_images: int = FIT_IMAGES) -> list[tuple]:
+    """FeatureDistance's parameters: Gaussians of `fit_images` training images' pooled
     activations, the log distances standardised on the validation split."""
     probe = keras.Model(trained.input, score_inputs(trained))
-    chosen = np.random.default_rng(0).choice(len(fit), min(FIT_IMAGES, len(fit)), replace=False)
+    chosen = np.random.default_rng(0).choice(len(fit), min(fit_images, len(fit)), replace=False)
     train_features = probe.predict(fit.images[chosen], batch_size=500, verbose=0)
     validation_features = probe.predict(validation.images, batch_size=500, verbose=0)
     return trust.fit_feature_distance(train_features, fit.labels[chosen], validation_features,
                                       [by_class for _, _, by_class in SCORE_LAYERS])
 
 
-def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: Path) -> dict:
+def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: Path,
+           fit_images: int = FIT_IMAGES) -> dict:
     state = json.loads((run_dir / STATE).read_text())
     recipe = state["recipe"]
-    trained = keras.saving.load_model(run_dir / BEST, compile=False)
+    trained = with_exportable_gelu(keras.saving.load_model(run_dir / BEST, compile=False))
     fit, validation = cifar.train_validation_split(cifar.load_train(data_dir), recipe["validation_size"], recipe["seed"])
-    fitted = fit_unsure_score(trained, fit, validation) if has_feature_outputs(trained) else None
+    fitted = fit_unsure_score(trained, fit, validation, fit_images) if has_feature_outputs(trained) else None
     model = serving_graph(trained, fitted)
     test = cifar.load_test(data_dir)
     onnx_model = to_onnx(model)
@@ -287,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="cifar10")
     parser.add_argument("--version", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--fit-images", type=int, default=FIT_IMAGES,
+                        help="training images the unsure score's feature Gaussians are fitted on")
     args = parser.parse_args(argv)
     data_dir = cifar.data_dir_or_exit(args.data_dir, allow_download=True)
     try:
-        card = export(args.run_dir, args.repository, args.name, args.version, data_dir)
+        card = export(args.run_dir, args.repository, args.name, args.version, data_dir, args.fit_images)
     except (cifar.DatasetError, ParityError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -77,57 +77,6 @@ def resnet9(width: int = 32) -> keras.Model:
     return keras.Model(inputs, outputs, name=f"resnet9_w{width}")
 
 
-class TestTimeAverage(layers.Layer):
-    """Probabilities averaged over several views of each image: `model` on the image and, with
-    `mirror`, on its left-right mirror image (the flip the networks were trained with); each of
-    `partners` (an ensemble) on the image and, with `mirror`, its mirror image too.
-
-    Without `below`, every image gets every view; a network's two views go through it as one
-    batch of 2N, so onnxruntime runs one larger batch instead of two. With `below`, only the
-    images on which `model` alone has a top probability below it get the other views (gathered
-    into one smaller batch and scattered back): a confident prediction rarely changes, so most of
-    the accuracy comes at a fraction of the cost. The graph then has dynamic shapes (NonZero,
-    Gather, ScatterND): export it from the TensorFlow backend.
-    """
-
-    def __init__(self, model: keras.Model, partners: tuple[keras.Model, ...] = (), mirror: bool = True,
-                 below: float | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.model, self.partners, self.mirror, self.below = model, tuple(partners), mirror, below
-
-    def _views_of(self, network: keras.Model, images) -> list:
-        if not self.mirror:
-            return [network(images)]
-        both = network(ops.concatenate([images, ops.flip(images, axis=2)], axis=0))
-        return list(ops.split(both, 2, axis=0))
-
-    def _partner_views(self, images) -> list:
-        return [view for partner in self.partners for view in self._views_of(partner, images)]
-
-    @staticmethod
-    def _mean(views: list):
-        return sum(views[1:], views[0]) / len(views)
-
-    def call(self, images):
-        if self.below is None:
-            return self._mean(self._views_of(self.model, images) + self._partner_views(images))
-        plain = self.model(images)
-        unsure = ops.nonzero(ops.max(plain, axis=1) < self.below)[0]
-        unsure_images = ops.take(images, unsure, axis=0)
-        # Every view but `model` on the plain image (already computed): what the gate adds.
-        mirrored = [self.model(ops.flip(unsure_images, axis=2))] if self.mirror else []
-        averaged = self._mean([ops.take(plain, unsure, axis=0), *mirrored, *self._partner_views(unsure_images)])
-        return ops.scatter_update(plain, ops.expand_dims(unsure, axis=1), averaged)
-
-
-def with_test_time_averaging(model: keras.Model, partners: tuple[keras.Model, ...] = (), mirror: bool = True,
-                             below: float | None = None) -> keras.Model:
-    inputs = keras.Input(shape=(32, 32, 3), dtype="uint8", name=INPUT_NAME)
-    outputs = TestTimeAverage(model, partners, mirror, below, dtype="float32", name=OUTPUT_NAME)(inputs)
-    suffix = "_ensemble" if partners else "_mirror_averaged"
-    return keras.Model(inputs, outputs, name=f"{model.name}{suffix}")
-
-
 def count_macs(model: keras.Model) -> int:
     """Multiply-accumulates per image of the conv and dense layers (what dominates)."""
     macs = 0
@@ -224,6 +173,22 @@ class PartialIdentity(keras.initializers.Initializer):
 FEATURES_NAME = "features"  # the pooled penultimate activations: what trust scores are computed on
 
 
+@keras.saving.register_keras_serializable(package="cifar10")
+def gelu(x):
+    """The exact GELU, x * Phi(x), written with erf: TensorFlow's own builds it from erfc, which
+    ONNX has no operator for, so tf2onnx could not export it."""
+    return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
+
+
+def with_exportable_gelu(model: keras.Model) -> keras.Model:
+    """Point every Activation("gelu") layer at `gelu` (the same function, exportable): for
+    checkpoints saved before the network used it."""
+    for layer in model.layers:
+        if isinstance(layer, layers.Activation) and getattr(layer.activation, "__name__", "") == "gelu":
+            layer.activation = gelu
+    return model
+
+
 def _whitened_block(x, filters: int, index: int):
     """conv - pool - BN - GELU - conv - BN - GELU; BN without a learned scale (GELU after it
     makes a scale redundant with the next conv), with airbench's fast-moving statistics."""
@@ -234,11 +199,11 @@ def _whitened_block(x, filters: int, index: int):
                       name=f"block{index}_conv1")(x)
     x = layers.MaxPooling2D(name=f"block{index}_pool")(x)
     x = norm(f"block{index}_norm1")(x)
-    x = layers.Activation("gelu", name=f"block{index}_act1")(x)
+    x = layers.Activation(gelu, name=f"block{index}_act1")(x)
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity(),
                       name=f"block{index}_conv2")(x)
     x = norm(f"block{index}_norm2")(x)
-    return layers.Activation("gelu", name=f"block{index}")(x)
+    return layers.Activation(gelu, name=f"block{index}")(x)
 
 
 def whitened_net(widths: tuple[int, int, int] = (64, 256, 256), logit_scale: float = 1 / 9) -> keras.Model:
@@ -247,7 +212,7 @@ def whitened_net(widths: tuple[int, int, int] = (64, 256, 256), logit_scale: flo
     (training.train does) before training: the kernel starts at zero."""
     inputs, x = _normalised_input()
     x = PatchWhitening(2 * WHITENING_PATCH * WHITENING_PATCH * 3, name="whiten")(x)
-    x = layers.Activation("gelu", name="whiten_act")(x)
+    x = layers.Activation(gelu, name="whiten_act")(x)
     for index, filters in enumerate(widths, start=1):
         x = _whitened_block(x, filters, index)
     x = layers.GlobalMaxPooling2D(name=FEATURES_NAME)(x)
