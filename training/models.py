@@ -193,7 +193,7 @@ def _whitened_block(x, filters: int, index: int):
     """conv - pool - BN - GELU - conv - BN - GELU; BN without a learned scale (GELU after it
     makes a scale redundant with the next conv), with airbench's fast-moving statistics."""
     def norm(name: str):
-        return layers.BatchNormalization(momentum=0.4, epsilon=1e-12, scale=False, name=name)
+        return layers.BatchNormalization(momentum=0.6, epsilon=1e-12, scale=False, name=name)
 
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity(),
                       name=f"block{index}_conv1")(x)

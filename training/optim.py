@@ -15,22 +15,24 @@ from keras import ops
 
 @keras.saving.register_keras_serializable(package="cifar10")
 class Triangular(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear from `start` x peak up to the peak at `warmup_steps`, then linear down to zero at
-    `total_steps`. Keyed on the optimizer's step count, so a resumed run continues in place."""
+    """Linear from `start` x peak up to the peak at `warmup_steps`, then linear down to `end` x
+    peak at `total_steps` (and held there). Keyed on the optimizer's step count, so a resumed run
+    continues in place."""
 
-    def __init__(self, peak: float, total_steps: int, warmup_steps: int, start: float = 0.2):
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int, start: float = 0.2, end: float = 0.0):
         self.peak, self.total_steps, self.warmup_steps = float(peak), int(total_steps), int(warmup_steps)
-        self.start = float(start)
+        self.start, self.end = float(start), float(end)
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
         up = self.start + (1.0 - self.start) * step / max(self.warmup_steps, 1)
-        down = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
-        return self.peak * ops.maximum(ops.minimum(up, down), 0.0)
+        done = ops.minimum(step - self.warmup_steps, self.total_steps - self.warmup_steps)
+        down = 1.0 - (1.0 - self.end) * done / max(self.total_steps - self.warmup_steps, 1)
+        return self.peak * ops.where(step < self.warmup_steps, up, down)
 
     def get_config(self) -> dict:
         return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "start": self.start}
+                "start": self.start, "end": self.end}
 
 
 @keras.saving.register_keras_serializable(package="cifar10")

@@ -31,7 +31,8 @@ class Recipe:
     # after whiten_bias_epochs).
     optimizer: str = "keras"
     lr_scale: float = 1.0
-    warmup_start: float = 0.0
+    warmup_start: float = 0.0  # grouped: the schedule's first value, as a fraction of the peak
+    final_fraction: float = 0.0  # grouped: the schedule's last value, as a fraction of the peak
     whiten_bias_epochs: int = 0
     lookahead: bool = False
     validation_size: int = 5_000
@@ -49,9 +50,10 @@ class Recipe:
 # airbench94's training (Jordan 2024, arXiv 2404.00498), re-derived for Keras on 45,000 images:
 # batch 1024; the mean-loss learning rate 1.5 is its 11.5 per 1,024 examples over (1 + 1 / (1 - 0.85));
 # the L2 coefficient makes lr x wd its 0.0153 x 1024 / 7850.7 = 2.0e-3 decay per step (wd/64 on the
-# BatchNorm biases, whose rate is 64x); label smoothing 0.2; 2-px translation, alternating flips.
+# BatchNorm biases, whose rate is 64x); label smoothing 0.2; 2-px translation, alternating flips; the
+# schedule from 0.2x up to the peak at 23% of the steps, then down to 0.07x.
 WHITENED = dict(architecture="whitened", widths=(64, 256, 256), batch_size=1024, peak_learning_rate=1.5,
-                warmup_fraction=0.2, warmup_start=0.2, momentum=0.85, weight_decay=1.3305e-3, label_smoothing=0.2,
+                warmup_fraction=0.23, warmup_start=0.2, final_fraction=0.07, momentum=0.85, weight_decay=1.3305e-3, label_smoothing=0.2,
                 translate=2, flip="alternating", optimizer="grouped", lr_scale=64.0, whiten_bias_epochs=3,
                 lookahead=True)
 
@@ -59,8 +61,9 @@ RECIPES: dict[str, Recipe] = {
     # The classic tutorial CNN: minutes on a laptop; for teaching and tests.
     "simple": Recipe("simple", "simple", epochs=10, batch_size=128, peak_learning_rate=0.05,
                      weight_decay=0.0, label_smoothing=0.0, augment=False),
-    # Target >= 90% test accuracy in <= 30 min on 2 CPU cores: the default's network and training, 7 epochs.
-    "fast": Recipe("fast", epochs=7, **WHITENED),
+    # Target >= 90% test accuracy in <= 30 min on 2 CPU cores: the default's network and training, 9 epochs
+    # (7 epochs gave 88.6% validation).
+    "fast": Recipe("fast", epochs=9, **WHITENED),
     # The shipped cifar10 v2: airbench94's network and training on a 4x longer schedule instead of
     # its test-time augmentation (which would double the cost per image). ~220 s an epoch here.
     "default": Recipe("default", epochs=40, **WHITENED),

@@ -167,7 +167,8 @@ def one_cycle(recipe: Recipe, steps_per_epoch: int) -> OneCycle:
 
 def triangular(recipe: Recipe, steps_per_epoch: int) -> Triangular:
     total = recipe.epochs * steps_per_epoch
-    return Triangular(recipe.peak_learning_rate, total, int(total * recipe.warmup_fraction), recipe.warmup_start)
+    return Triangular(recipe.peak_learning_rate, total, int(total * recipe.warmup_fraction), recipe.warmup_start,
+                      recipe.final_fraction)
 
 
 def learning_rate_schedule(recipe: Recipe, steps_per_epoch: int) -> keras.optimizers.schedules.LearningRateSchedule:
