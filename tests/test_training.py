@@ -276,24 +276,23 @@ def test_the_export_fits_calibration_the_unsure_threshold_and_the_drift_referenc
         assert len(signal["fractions"]) == len(signal["edges"]) + 1 and abs(sum(signal["fractions"]) - 1) < 1e-3
 
 
-def test_the_feature_distance_layer_computes_the_numpy_mahalanobis_distance():
-    """models.FeatureDistance (in the graph) against training.trust's numpy reference, on random features."""
+def test_the_unsure_score_layer_computes_what_the_numpy_reference_does():
+    """models.UnsureScore (in the graph) against training.trust's numpy reference, on random features."""
     script = ("import numpy as np, keras\n"
-              "from training.models import FeatureDistance\n"
+              "from training.models import UnsureScore\n"
               "from training import trust\n"
               "rng = np.random.default_rng(0)\n"
-              "train = [rng.normal(size=(500, 6)) * [1, 2, 3, 1, 1, 5], rng.normal(size=(500, 4))]\n"
+              "terms = [('negative_norm', False), ('mahalanobis', True), ('mahalanobis', False)]\n"
+              "train = [rng.normal(size=(500, 5)), rng.normal(size=(500, 6)) * [1, 2, 3, 1, 1, 5], rng.normal(size=(500, 4))]\n"
               "labels = rng.integers(0, 10, 500)\n"
-              "val = [rng.normal(size=(50, 6)), rng.normal(size=(50, 4))]\n"
-              "fitted = trust.fit_feature_distance(train, labels, val, [True, False])\n"
-              "layer = FeatureDistance([(10, 6), (1, 4)])\n"
-              "layer.build([(None, 6), (None, 4)])\n"
+              "val = [rng.normal(size=(50, d)) for d in (5, 6, 4)]\n"
+              "fitted = trust.fit_unsure_terms(terms, train, labels, val)\n"
+              "layer = UnsureScore([('negative_norm', 1, 5), ('mahalanobis', 10, 6), ('mahalanobis', 1, 4)])\n"
+              "layer.build([(None, 5), (None, 6), (None, 4)])\n"
               "layer.set_fitted(fitted)\n"
-              "query = [rng.normal(size=(7, 6)) * 3, rng.normal(size=(7, 4))]\n"
+              "query = [rng.normal(size=(7, d)) * 3 for d in (5, 6, 4)]\n"
               "graph = np.asarray(layer([q.astype('float32') for q in query]))\n"
-              "expected = np.max([(np.log(trust.squared_distance(q, c, w)) - s[0]) / s[1]\n"
-              "                   for q, (c, w, s) in zip(query, fitted)], axis=0)\n"
-              "print(float(np.abs(graph - expected).max()))")
+              "print(float(np.abs(graph - trust.unsure_scores(terms, query, fitted)).max()))")
     assert float(run_python("-c", script).stdout.split()[-1]) < 1e-3
 
 

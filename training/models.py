@@ -228,52 +228,68 @@ def whitened_net(widths: tuple[int, int, int] = (64, 256, 256), logit_scale: flo
 UNSURE_SCORE_NAME = "unsure_score"
 
 
-@keras.saving.register_keras_serializable(package="cifar10")
-class FeatureDistance(layers.Layer):
-    """How far an image's features lie from the training images', as one number per image.
+MAHALANOBIS, NEGATIVE_NORM = "mahalanobis", "negative_norm"
 
-    For each input feature vector f_l (a layer's pooled activations), with fitted `centres`
-    (K_l x D_l: the class means, or one overall mean) and `whitening` W_l (D_l x D_l, with
-    W W^T the inverse covariance): d_l = min over centres c of ||(f_l - c) W_l||^2, a
-    Mahalanobis distance. Its log is standardised with the validation images' mean and standard
-    deviation (`standardise`: 2 values), and the score is the largest of these over the layers:
-    an image is as unusual as its most unusual layer. Higher is less like the training data.
+
+@keras.saving.register_keras_serializable(package="cifar10")
+class UnsureScore(layers.Layer):
+    """How unlike the training images an image is, as one number (higher: less like them).
+
+    Each input is a pooled activation vector f with a kind:
+    - "mahalanobis": log min over the fitted centres c of ||(f - c) W||^2, with W W^T the
+      inverse of the training images' covariance (a Mahalanobis distance: the early blocks'
+      channel means, i.e. how natural the image's textures and colours look to the network);
+    - "negative_norm": -||f|| (the penultimate features: images of no class the network knows
+      light up few of its detectors).
+    Each term is standardised with its mean and standard deviation on the validation images, and
+    the score is their sum. training/trust.py fits the parameters (`set_fitted`).
     """
 
-    def __init__(self, shapes: list[tuple[int, int]], **kwargs):
+    def __init__(self, terms: list[tuple[str, int, int]], **kwargs):
         super().__init__(**kwargs)
-        self.shapes = [tuple(s) for s in shapes]  # (centres, dimensions) per input
+        self.terms = [tuple(t) for t in terms]  # (kind, centres, dimensions) per input
 
     def build(self, input_shape):
         self.centres, self.whitening, self.standardise = [], [], []
-        for index, (count, dims) in enumerate(self.shapes):
-            self.centres.append(self.add_weight(shape=(count, dims), initializer="zeros", trainable=False,
-                                                name=f"centres_{index}"))
-            self.whitening.append(self.add_weight(shape=(dims, dims), initializer="zeros", trainable=False,
-                                                  name=f"whitening_{index}"))
+        for index, (kind, count, dims) in enumerate(self.terms):
+            if kind == MAHALANOBIS:
+                self.centres.append(self.add_weight(shape=(count, dims), initializer="zeros", trainable=False,
+                                                    name=f"centres_{index}"))
+                self.whitening.append(self.add_weight(shape=(dims, dims), initializer="zeros", trainable=False,
+                                                      name=f"whitening_{index}"))
+            elif kind != NEGATIVE_NORM:
+                raise ValueError(f"unknown unsure-score term {kind!r}")
             self.standardise.append(self.add_weight(shape=(2,), initializer="zeros", trainable=False,
                                                     name=f"standardise_{index}"))
 
-    def set_fitted(self, fitted: list[tuple]) -> None:
-        """(centres, whitening, (log-distance mean, std)) per input, from training.trust."""
-        for index, (centres, whitening, standardise) in enumerate(fitted):
-            self.centres[index].assign(centres)
-            self.whitening[index].assign(whitening)
-            self.standardise[index].assign(standardise)
+    def set_fitted(self, fitted: list[dict]) -> None:
+        """Per input: {"standardise": (mean, std)} and, for mahalanobis, "centres" and "whitening"."""
+        mahalanobis = iter(zip(self.centres, self.whitening))
+        for (kind, _, _), term, standardise in zip(self.terms, fitted, self.standardise):
+            standardise.assign(term["standardise"])
+            if kind == MAHALANOBIS:
+                centres, whitening = next(mahalanobis)
+                centres.assign(term["centres"])
+                whitening.assign(term["whitening"])
 
     def call(self, features):
-        scores = []
-        for f, centres, whitening, standardise in zip(features, self.centres, self.whitening, self.standardise):
-            # ||(f - c) W||^2 = ||f W||^2 - 2 (f W).(c W) + ||c W||^2, for every centre at once.
-            fw, cw = ops.matmul(f, whitening), ops.matmul(centres, whitening)
-            squared = (ops.sum(fw * fw, axis=1, keepdims=True) - 2.0 * ops.matmul(fw, ops.transpose(cw))
-                       + ops.sum(cw * cw, axis=1)[None, :])
-            distance = ops.maximum(ops.min(squared, axis=1), 1e-12)
-            scores.append((ops.log(distance) - standardise[0]) / standardise[1])
-        return ops.max(ops.stack(scores, axis=1), axis=1)
+        mahalanobis = iter(zip(self.centres, self.whitening))
+        total = 0.0
+        for (kind, _, _), f, standardise in zip(self.terms, features, self.standardise):
+            if kind == MAHALANOBIS:
+                centres, whitening = next(mahalanobis)
+                # ||(f - c) W||^2 = ||f W||^2 - 2 (f W).(c W) + ||c W||^2, for every centre at once.
+                fw, cw = ops.matmul(f, whitening), ops.matmul(centres, whitening)
+                squared = (ops.sum(fw * fw, axis=1, keepdims=True) - 2.0 * ops.matmul(fw, ops.transpose(cw))
+                           + ops.sum(cw * cw, axis=1)[None, :])
+                value = ops.log(ops.maximum(ops.min(squared, axis=1), 1e-12))
+            else:
+                value = -ops.sqrt(ops.sum(f * f, axis=1))
+            total = total + (value - standardise[0]) / standardise[1]
+        return total
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0][0],)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "shapes": [list(s) for s in self.shapes]}
+        return {**super().get_config(), "terms": [list(t) for t in self.terms]}

@@ -182,16 +182,37 @@ def squared_distance(features: np.ndarray, centres: np.ndarray, whitening: np.nd
     return np.maximum(squared.min(axis=1), 1e-12)
 
 
-def fit_feature_distance(train_features: list[np.ndarray], train_labels: np.ndarray,
-                         validation_features: list[np.ndarray], per_class: list[bool]) -> list[tuple]:
-    """(centres, whitening, (mean, std) of the log distance on validation) per feature layer,
-    as FeatureDistance.set_fitted takes them."""
+def term_values(kind: str, features: np.ndarray, fitted: dict) -> np.ndarray:
+    """One UnsureScore term before standardising: log Mahalanobis distance, or -||f||."""
+    from training.models import MAHALANOBIS
+
+    if kind == MAHALANOBIS:
+        return np.log(squared_distance(features, fitted["centres"], fitted["whitening"]))
+    return -np.linalg.norm(features.astype(np.float64), axis=1)
+
+
+def fit_unsure_terms(terms: list[tuple[str, bool]], train_features: list[np.ndarray], train_labels: np.ndarray,
+                     validation_features: list[np.ndarray]) -> list[dict]:
+    """UnsureScore's parameters per input: for (kind, per_class) terms, the Gaussian of the
+    training images (per class or overall) for Mahalanobis terms, and every term's mean and
+    standard deviation on the validation images."""
+    from training.models import MAHALANOBIS
+
     fitted = []
-    for train, validation, by_class in zip(train_features, validation_features, per_class):
-        centres, whitening = fit_gaussian(train, train_labels if by_class else None)
-        log_distance = np.log(squared_distance(validation, centres, whitening))
-        fitted.append((centres, whitening, np.array([log_distance.mean(), log_distance.std()], dtype=np.float32)))
+    for (kind, per_class), train, validation in zip(terms, train_features, validation_features):
+        term: dict = {}
+        if kind == MAHALANOBIS:
+            term["centres"], term["whitening"] = fit_gaussian(train, train_labels if per_class else None)
+        values = term_values(kind, validation, term)
+        term["standardise"] = np.array([values.mean(), values.std()], dtype=np.float32)
+        fitted.append(term)
     return fitted
+
+
+def unsure_scores(terms: list[tuple[str, bool]], features: list[np.ndarray], fitted: list[dict]) -> np.ndarray:
+    """What UnsureScore computes in the graph, in numpy (float64)."""
+    return sum((term_values(kind, f, t) - t["standardise"][0]) / t["standardise"][1]
+               for (kind, _), f, t in zip(terms, features, fitted))
 
 
 # ---- the drift reference (serving/drift.py reads it) --------------------------------------------
