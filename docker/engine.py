@@ -97,13 +97,11 @@ class Engine:
         # Podman's --read-only also mounts tmpfs on /tmp, /run and /var/tmp unless told not to.
         return ["--read-only", "--read-only-tmpfs=false"] if self.is_podman else ["--read-only"]
 
-    def build_flags(self, dockerfile: Path) -> list[str]:
-        if not self.is_podman:
-            return []  # BuildKit reads <Dockerfile>.dockerignore and keeps HEALTHCHECK itself
-        # The docker format keeps HEALTHCHECK (the OCI format drops it, with a warning).
-        flags = ["--format", "docker"]
-        ignore = Path(f"{dockerfile}.dockerignore")
-        return flags + (["--ignorefile", str(ignore)] if ignore.exists() else [])
+    @property
+    def build_flags(self) -> list[str]:
+        # Podman's docker format keeps HEALTHCHECK (its OCI format drops it, with a warning).
+        # Both engines read <Dockerfile>.dockerignore beside the Dockerfile by themselves.
+        return ["--format", "docker"] if self.is_podman else []
 
     def has_image(self, ref: str) -> bool:
         return self.call("image", "inspect", ref).returncode == 0
@@ -249,7 +247,7 @@ def local_prometheus(engine: Engine, out: TextIO) -> str:
 def build(engine: Engine, dockerfile: Path, tag: str, build_args: dict[str, str], out: TextIO,
           context: Path = REPO_ROOT) -> None:
     args = [f"--build-arg={name}={value}" for name, value in build_args.items()]
-    built = engine.call("build", *engine.build_flags(dockerfile), "-f", str(dockerfile), "-t", tag, *args,
+    built = engine.call("build", *engine.build_flags, "-f", str(dockerfile), "-t", tag, *args,
                         str(context), out=out)
     if built.returncode != 0:
         raise BuildError(f"{engine.command} build of {tag} failed (exit {built.returncode}; log above)")
