@@ -47,6 +47,9 @@ APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 # Each container's open files and processes. Podman asks for a million open files by default,
 # which runc cannot set in some sandboxes ("error setting rlimits"); compose.yaml sets the same.
 ULIMITS = ("nofile=4096:4096", "nproc=4096:4096")
+# Where registries are out of reach a pull usually fails at once (no DNS); where they are
+# firewalled it hangs, and a build should fall back to the local stand-ins instead of waiting.
+PULL_TIMEOUT_S = 300
 
 
 def logged(argv: list[str], out: TextIO, **options) -> subprocess.CompletedProcess:
@@ -109,9 +112,9 @@ class Engine:
     def pull(self, ref: str) -> str | None:
         """None when `ref` is here now; else what went wrong."""
         try:
-            pulled = self.call("pull", ref, timeout=600)
+            pulled = self.call("pull", ref, timeout=PULL_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            return "no answer in 600 s"
+            return f"no answer in {PULL_TIMEOUT_S} s"
         return None if pulled.returncode == 0 else last_words(pulled)
 
 
@@ -290,8 +293,8 @@ def compose_stack(engine: Engine, out: TextIO) -> ComposeStack:
         env["GRAFANA_IMAGE"] = grafana
         services.append("grafana")
     else:
-        skipped["grafana"] = (f"cannot pull {grafana} ({failure}), and no Grafana package can be reached "
-                              "from here to build a stand-in; set GRAFANA_IMAGE to an image you have")
+        skipped["grafana"] = (f"cannot pull {grafana} ({failure}), and no stand-in can be built: Debian has "
+                              "no Grafana package; set GRAFANA_IMAGE to an image you have")
     return ComposeStack(env, services, skipped)
 
 
