@@ -90,14 +90,26 @@ quantize: $(STAMP)
 evaluate: $(STAMP)
 	$(PY) -m training.evaluate $(MODEL) $(ARGS)
 
-# The container with Prometheus + Grafana (docker/compose.yaml); needs a Docker engine with compose v2.
-COMPOSE := docker compose -f docker/compose.yaml
+# ---- containers (docs/deploy.md) ----------------------------------------------------------
+# docker/engine.py picks the engine that answers here (docker with a daemon, else podman) and the
+# base it can get: the official python image, else a local Debian base (debootstrap, built once
+# per machine, kept in the engine's image store like every layer).
+# `make image`: cifar10-serving:cpu. `make test-container`: build it and run it (marker
+# `container`; skips only when no engine can start a container). `make compose-up`: the image,
+# then the classifier + Prometheus (+ Grafana where its image can be had) via compose.
+.PHONY: image test-container
 
-compose-up:
-	$(COMPOSE) up -d --build
+image:
+	$(PYTHON_BASE) docker/engine.py build
 
-compose-down:
-	$(COMPOSE) down
+test-container: $(PROTO_STAMP) $(TRITON_STAMP)
+	$(PY) -m pytest -m container -s -rs $(PYTEST_ARGS)
+
+compose-up: $(STAMP)
+	$(PY) docker/engine.py compose up
+
+compose-down: $(STAMP)
+	$(PY) docker/engine.py compose down
 
 # ---- benchmarks (bench/README.md): make bench BENCH_MODE=quick|full -----------------------
 # The peer (MLServer 1.7.1) needs protobuf < 7, so it gets its own venv, every package pinned

@@ -16,6 +16,7 @@ from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from tests.harness import REPO_ROOT, SHIPPED_MODELS, free_port  # noqa: F401 - test modules import them from here
 from tests.harness import ServedProcess, copy_of_shipped_models, started_processes
+from tests.containers import Engine, built, engines, usable_engine
 from training import data as cifar
 
 DEFAULT_MODEL = "cifar10"
@@ -77,6 +78,18 @@ def start_server():
 def model_repo(tmp_path) -> Path:
     """A private copy of the shipped repository, to add, change and remove versions in."""
     return copy_of_shipped_models(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def container_engine() -> Engine:
+    """The engine `make image` uses; the test skips when none can start a container here."""
+    return usable_engine()
+
+
+@pytest.fixture(scope="session")
+def built_cpu_image(container_engine) -> str:
+    """cifar10-serving:cpu built from this tree, as `make image` builds it (layers cached by the engine)."""
+    return built("cpu-image", lambda out: engines.build_cpu_image(container_engine, out))
 
 
 def encode(pixels: np.ndarray, fmt: str = "PNG", **options) -> bytes:

@@ -27,6 +27,7 @@ import yaml
 from serving.config import ServerConfig, env_name
 from serving.healthcheck import check
 from tests.conftest import REPO_ROOT, SHIPPED_MODELS, free_port
+from tests.containers import engines
 from tests.harness import LoggedProcess
 
 DOCKER_DIR = REPO_ROOT / "docker"
@@ -328,10 +329,36 @@ def test_compose_builds_the_classifier_from_the_cpu_dockerfile(compose):
     assert (COMPOSE_FILE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILES["cpu"]
 
 
+def compose_default(value: str) -> str:
+    """`${VARIABLE:-default}` as compose reads it with VARIABLE unset."""
+    return re.sub(r"\$\{\w+:-([^}]+)\}", r"\1", value)
+
+
 def test_compose_images_are_pinned(compose):
     for name, service in compose["services"].items():
-        assert PINNED_TAG.match(service["image"]) or "build" in service, name
-        assert not service["image"].endswith(":latest"), name
+        image = compose_default(service["image"])
+        assert PINNED_TAG.match(image) or "build" in service, name
+        assert not image.endswith(":latest"), name
+
+
+def test_compose_image_defaults_are_the_ones_engine_py_tries_first(compose):
+    # docker/engine.py pulls these defaults and builds local stand-ins only when that fails.
+    for variable, service in (("PROMETHEUS_IMAGE", "prometheus"), ("GRAFANA_IMAGE", "grafana")):
+        image = compose["services"][service]["image"]
+        assert image.startswith(f"${{{variable}:-"), service
+        assert compose_default(image) == engines.compose_default(variable)
+
+
+def test_compose_ports_bind_to_loopback_with_overridable_host_ports(compose):
+    for name, service in compose["services"].items():
+        for mapping in service["ports"]:
+            assert re.fullmatch(r"127\.0\.0\.1:\$\{\w+_PORT:-\d+\}:\d+", mapping), (name, mapping)
+
+
+def test_compose_services_set_their_ulimits(compose):
+    # Podman asks for a million open files by default, which some sandboxes refuse.
+    for name, service in compose["services"].items():
+        assert {"nofile", "nproc"} <= set(service["ulimits"]), name
 
 
 def test_compose_env_names_exist_in_the_server_config(compose):
