@@ -5,6 +5,10 @@ loop. Requests queue with their deadline; the worker takes what is queued (up to
 `max_batch_size` images, waiting at most `max_delay_s` for more), drops expired and
 cancelled requests before computing, runs one batch and hands each request its rows.
 The queue is bounded in images: a full queue refuses at once (Overloaded).
+
+Background work (shadow copies of other versions' traffic) waits in a lane of its own: it runs
+only when no request is queued, never shares a batch with one, counts against no queue bound
+(its sender bounds it) and, when the batcher closes, is refused rather than drained.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class _Pending:
     future: Future
     deadline: float | None  # time.monotonic() seconds
     enqueued: float
+    background: bool = False
 
 
 class DynamicBatcher:
@@ -74,6 +79,7 @@ class DynamicBatcher:
         self._observer = observer or _NullObserver()
         self._queue: deque[_Pending] = deque()
         self._queued_images = 0
+        self._background: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._closing = False
         self._worker = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
@@ -83,13 +89,18 @@ class DynamicBatcher:
     def queued_images(self) -> int:
         return self._queued_images
 
-    def submit(self, images: np.ndarray, deadline: float | None = None) -> Future:
-        """Queue uint8 [k, 32, 32, 3]; the future gives a BatchResult or a ServingError."""
+    def submit(self, images: np.ndarray, deadline: float | None = None, background: bool = False) -> Future:
+        """Queue uint8 [k, 32, 32, 3]; the future gives a BatchResult or a ServingError.
+        `background`: run only when no request waits (see the module docstring)."""
         count = len(images)
         future: Future = Future()
         with self._cond:
             if self._closing:
                 raise ShuttingDown("the model version is being unloaded or the server is shutting down; retry")
+            if background:
+                self._background.append(_Pending(images, future, deadline, time.monotonic(), background=True))
+                self._cond.notify()
+                return future
             if self._queued_images + count > self.max_queue_images:
                 raise Overloaded(
                     f"the queue of this model is full ({self._queued_images} of {self.max_queue_images} images "
@@ -119,15 +130,20 @@ class DynamicBatcher:
         self._observer.dropped("cancelled", 1)
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new work, finish what is queued, stop the worker."""
+        """Refuse new work and queued background work, finish the queued requests, stop the worker."""
         with self._cond:
             self._closing = True
+            refused, self._background = self._background, deque()
             self._cond.notify_all()
+        for item in refused:
+            item.future.set_exception(ShuttingDown("the model version is being unloaded"))
         self._worker.join(timeout)
 
     def _take_batch(self) -> list[_Pending] | None:
         with self._cond:
             while not self._queue:
+                if self._background:
+                    return self._take_background()
                 if self._closing:
                     return None
                 self._cond.wait()
@@ -151,6 +167,16 @@ class DynamicBatcher:
         self._observer.queue_depth(depth)
         return batch
 
+    def _take_background(self) -> list[_Pending]:
+        """Up to a full batch of background work (the caller holds the lock)."""
+        batch = [self._background.popleft()]
+        size = len(batch[0].images)
+        while self._background and size + len(self._background[0].images) <= self.max_batch_size:
+            item = self._background.popleft()
+            batch.append(item)
+            size += len(item.images)
+        return batch
+
     def _loop(self) -> None:
         while True:
             batch = self._take_batch()
@@ -165,7 +191,8 @@ class DynamicBatcher:
                     item.future.set_exception(
                         DeadlineExpired("the request's deadline passed while it waited in the queue; it was not computed")
                     )
-                    self._observer.dropped("deadline_exceeded", 1)
+                    if not item.background:  # its sender counts its own drops
+                        self._observer.dropped("deadline_exceeded", 1)
                 else:
                     live.append(item)
             if live:
