@@ -80,6 +80,7 @@ class DynamicBatcher:
         self._queue: deque[_Pending] = deque()
         self._queued_images = 0
         self._background: deque[_Pending] = deque()
+        self._running = False  # a batch is in onnxruntime now
         self._cond = threading.Condition()
         self._closing = False
         self._worker = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
@@ -88,6 +89,11 @@ class DynamicBatcher:
     @property
     def queued_images(self) -> int:
         return self._queued_images
+
+    @property
+    def busy(self) -> bool:
+        """Running a batch, or requests waiting: the version is working for its callers."""
+        return self._running or self._queued_images > 0
 
     def submit(self, images: np.ndarray, deadline: float | None = None, background: bool = False) -> Future:
         """Queue uint8 [k, 32, 32, 3]; the future gives a BatchResult or a ServingError.
@@ -198,16 +204,24 @@ class DynamicBatcher:
             if live:
                 self._execute(live, now)
 
+    def _compute(self, images: np.ndarray) -> np.ndarray:
+        """The runtime call(s); `busy` meanwhile, and no longer by the time the callers get answers."""
+        self._running = True
+        try:
+            if len(images) <= self.max_batch_size:
+                return self._run(images)
+            # one oversized request: run it in max-size chunks
+            return np.concatenate(
+                [self._run(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
+            )
+        finally:
+            self._running = False
+
     def _execute(self, batch: list[_Pending], started: float) -> None:
         images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
         try:
             t0 = time.perf_counter()
-            if len(images) <= self.max_batch_size:
-                probabilities = self._run(images)
-            else:  # one oversized request: run it in max-size chunks
-                probabilities = np.concatenate(
-                    [self._run(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
-                )
+            probabilities = self._compute(images)
             inference_s = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - every waiting client must get an answer
             error = exc if isinstance(exc, InferenceFailed) else InferenceFailed("inference failed; see the server log")

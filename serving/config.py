@@ -32,6 +32,7 @@ class ServerConfig:
     repository_config: str = ""  # "" = <model_repository>/repository.json (policies, labels, traffic, shadow)
     # Shadow traffic (docs/rollouts.md): its cost is bounded, its agreement measured over a window.
     shadow_max_inflight_images: int = 64
+    shadow_drop_queue_images: int = 0  # 0: a copy goes only while the answering version is idle
     shadow_window_images: int = 1000
     # Runtime
     providers: str = "auto"
@@ -82,6 +83,8 @@ _HELP = {
     "repository_config": "repository config file: version policies, version labels, traffic split, shadow "
                          "(empty: <model-repository>/repository.json; re-read on every scan)",
     "shadow_max_inflight_images": "most images copied to shadow versions and not yet compared; more are dropped",
+    "shadow_drop_queue_images": "drop a shadow copy while the answering version's queue holds this many images or "
+                                "more; 0: while it runs a batch or anything waits (shadow work goes first under load)",
     "shadow_window_images": "images over which classifier_shadow_agreement_ratio and the confidence shift are taken",
     "providers": "execution providers: auto (TensorRT, CUDA, CPU: best available), cpu, cuda, tensorrt",
     "require_gpu": "fail readiness instead of silently falling back to the CPU provider",
@@ -183,6 +186,8 @@ def validate(config: ServerConfig) -> list[str]:
         problems.append("--max-images-per-request must be >= 1")
     if config.shadow_max_inflight_images < 1:
         problems.append("--shadow-max-inflight-images must be >= 1")
+    if config.shadow_drop_queue_images < 0:
+        problems.append("--shadow-drop-queue-images must be >= 0")
     if config.shadow_window_images < 1:
         problems.append("--shadow-window-images must be >= 1")
     if config.max_batch_delay_ms < 0:

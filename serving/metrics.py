@@ -130,7 +130,8 @@ class ServingMetrics:
         )
         self.shadow_dropped = Counter(
             "shadow_dropped_images_total", "Sampled images never compared: budget (--shadow-max-inflight-images "
-            "reached), load (the primary's queue holds a full batch), stale (waited too long), unavailable, failed",
+            "reached), load (the primary was busy: --shadow-drop-queue-images), stale (waited too long), "
+            "unavailable, failed",
             ["model", "shadow", "reason"], namespace=NAMESPACE, registry=registry,
         )
         self._children: dict[tuple, object] = {}

@@ -62,7 +62,8 @@ class ClassifierServer:
             self.metrics, config.default_model, config.version_policy,
             Path(config.repository_config) if config.repository_config else None,
         )
-        shadows = ShadowDispatcher(self.metrics, config.shadow_max_inflight_images, config.shadow_window_images)
+        shadows = ShadowDispatcher(self.metrics, config.shadow_max_inflight_images, config.shadow_drop_queue_images,
+                                   config.shadow_window_images)
         self.core = InferenceCore(self.repository, self.metrics, shadows)
         self.calls = CallObserver(self.metrics, config.access_log)
         self.health = HealthServicer()

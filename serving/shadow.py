@@ -4,9 +4,10 @@ answers are compared. No gRPC here.
 Off the caller's path and bounded: the copy is handed over after the answer (the core schedules
 `offer` on the event loop's next turn), it waits in the shadow version's background lane (run
 only when none of that version's own requests wait), at most `max_inflight_images` images are
-out at once, and it is dropped first under load: when the answering version's queue already
-holds a full batch, or when it has waited longer than `max_age_s`. The comparison runs on the
-shadow version's batcher thread, never on the event loop.
+out at once, and it is dropped first under load: while the answering version is busy (by
+default: running a batch or holding queued requests; with `drop_queue_images` N > 0: holding N
+images or more in its queue), or once it has waited longer than `max_age_s`. The comparison runs on the shadow version's batcher thread, never on the event
+loop.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from serving.batching import DynamicBatcher
 from serving.errors import DeadlineExpired, ServingError, ShuttingDown
 from serving.metrics import ServingMetrics
 from serving.repository import Routed
@@ -58,10 +60,11 @@ class ShadowPair:
 
 
 class ShadowDispatcher:
-    def __init__(self, metrics: ServingMetrics, max_inflight_images: int, window_images: int,
+    def __init__(self, metrics: ServingMetrics, max_inflight_images: int, drop_queue_images: int, window_images: int,
                  max_age_s: float = SHADOW_MAX_AGE_S):
         self.metrics = metrics
-        self.max_inflight_images, self.window_images, self.max_age_s = max_inflight_images, window_images, max_age_s
+        self.max_inflight_images, self.drop_queue_images = max_inflight_images, drop_queue_images
+        self.window_images, self.max_age_s = window_images, max_age_s
         self._pairs: dict[tuple[str, int, int], ShadowPair] = {}
         self._inflight = 0
         self._lock = threading.Lock()
@@ -82,8 +85,7 @@ class ShadowDispatcher:
         if batcher is None:
             pair.dropped["unavailable"].inc(count)
             return
-        primary_batcher = primary.batcher
-        if primary_batcher is not None and primary_batcher.queued_images >= primary_batcher.max_batch_size:
+        if self._busy(primary.batcher):
             pair.dropped["load"].inc(count)
             return
         with self._lock:
@@ -102,6 +104,13 @@ class ShadowDispatcher:
             pair.dropped["unavailable"].inc(count)
             return
         future.add_done_callback(lambda done: self._compare(pair, done, probabilities, started, count))
+
+    def _busy(self, batcher: DynamicBatcher | None) -> bool:
+        if batcher is None:
+            return False
+        if self.drop_queue_images == 0:
+            return batcher.busy
+        return batcher.queued_images >= self.drop_queue_images
 
     def _release(self, count: int) -> None:
         with self._lock:

@@ -187,8 +187,11 @@ def test_shadow_agreement_equals_an_offline_count_on_the_same_images(start_serve
     answered = [srv.stub.Classify(pb.ClassifyRequest(image=raw_image(p)), timeout=10).model_version for p in images]
     assert set(answered) == {1}  # the shadow never answers
     pair = dict(model="cifar10", primary="1", shadow="2")
-    srv.wait_until("every image compared",
-                   lambda: srv.metric("classifier_shadow_compared_images_total", **pair) == len(images), timeout=30)
+    srv.wait_until("every copy compared or dropped", lambda: srv.metric("classifier_shadow_compared_images_total", **pair)
+                   + srv.metric("classifier_shadow_dropped_images_total") >= len(images), timeout=30)
+    dropped = {dict(labels)["reason"]: value for (name, labels), value in srv.metrics().items()
+               if name == "classifier_shadow_dropped_images_total" and value}
+    assert dropped == {} and srv.metric("classifier_shadow_compared_images_total", **pair) == len(images)
     primary_top, primary_confidence = offline_top1(model_repo / "cifar10" / "1" / "model.onnx", images)
     shadow_top, shadow_confidence = offline_top1(model_repo / "cifar10" / "2" / "model.onnx", images)
     agreed = int((primary_top == shadow_top).sum())
@@ -198,18 +201,22 @@ def test_shadow_agreement_equals_an_offline_count_on_the_same_images(start_serve
     shift = float((shadow_confidence - primary_confidence).mean())
     assert srv.metric("classifier_shadow_confidence_shift", **pair) == pytest.approx(shift, abs=1e-5)
     assert srv.metric("classifier_shadow_duration_seconds_count", model="cifar10", shadow="2") == len(images)
-    assert srv.metric("classifier_shadow_dropped_images_total") == 0
     assert srv.metric("classifier_images_classified_total", version="2") == 0  # no answer came from it
 
 
-def test_shadow_copies_over_the_budget_are_dropped_and_no_caller_notices(start_server, model_repo):
+@pytest.mark.parametrize("flags,reason", [
+    (("--shadow-max-inflight-images", "1", "--shadow-drop-queue-images", "100000"), "budget"),
+    ((), "load"),  # by default a copy goes only while the answering version is idle
+])
+def test_shadow_copies_are_dropped_over_the_budget_or_under_load_and_no_caller_notices(
+        start_server, model_repo, flags, reason):
     publish(model_repo, "cifar10", 2)
     write_config(model_repo, **STABLE_AND_CANARY, traffic={"stable": 100}, shadow={"version": "canary", "percent": 100})
-    srv = start_server("--shadow-max-inflight-images", "1", repository=model_repo)
+    srv = start_server(*flags, repository=model_repo)
     hammer = Hammer(srv, clients=8)
     try:
-        srv.wait_until("a copy dropped for the budget", lambda: srv.metric(
-            "classifier_shadow_dropped_images_total", reason="budget") > 0, timeout=30)
+        srv.wait_until(f"a copy dropped for {reason}", lambda: srv.metric(
+            "classifier_shadow_dropped_images_total", reason=reason) > 0, timeout=30)
         srv.wait_until("a copy compared", lambda: srv.metric("classifier_shadow_compared_images_total") > 0, timeout=30)
     finally:
         hammer.stop()
