@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -22,10 +24,11 @@ from grpc_health.v1 import health_pb2
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from serving.proto.inference import grpc_service_pb2 as v2
 from serving.proto.inference import grpc_service_pb2_grpc as v2_grpc
-from tests.conftest import SHIPPED_MODELS, ServerProcess, copy_of_shipped_models, raw_image
+from tests.conftest import REPO_ROOT, SHIPPED_MODELS, ServerProcess, copy_of_shipped_models, encode, raw_image
 from tests.test_model_repository import PIXELS, Hammer, classify, publish, states, wait_for
 
 INT8 = SHIPPED_MODELS / "cifar10-int8" / "1"
+EXAMPLES = REPO_ROOT / "examples" / "rollouts"
 STABLE_AND_CANARY = {"labels": {"stable": 1, "canary": 2}}
 
 
@@ -101,6 +104,15 @@ def test_a_version_label_names_its_version_on_the_native_api(labelled):
     (streamed,) = labelled.stub.ClassifyStream(iter([pb.ClassifyRequest(image=raw_image(PIXELS),
                                                                        version_label="canary")]), timeout=10)
     assert streamed.response.model_version == 2
+
+
+def test_the_client_cli_names_a_label_and_prints_which_version_answered(labelled, tmp_path):
+    image = tmp_path / "image.png"
+    image.write_bytes(encode(PIXELS))
+    run = subprocess.run([sys.executable, "-m", "serving.client", str(image), "--target", labelled.target,
+                          "--label", "canary", "--top-k", "1"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.rstrip().endswith("[cifar10 v2 canary]")
 
 
 def test_a_version_label_travels_in_model_version_on_the_open_inference_protocol(labelled):
@@ -221,6 +233,33 @@ def test_shadow_copies_are_dropped_over_the_budget_or_under_load_and_no_caller_n
     finally:
         hammer.stop()
     assert hammer.errors == [] and set(hammer.versions) == {1}
+
+
+# ---- the walkthrough of docs/rollouts.md ----------------------------------------------------------
+
+def test_the_walkthrough_takes_v2_from_shadow_to_canary_to_stable_and_back(start_server, model_repo, tmp_path):
+    publish(model_repo, "cifar10", 2, source=INT8)
+    live = tmp_path / "repository.json"  # outside the repository, as the walkthrough keeps it
+
+    def step(example: str) -> None:
+        shutil.copy(EXAMPLES / example, live)
+        reload(srv)
+
+    shutil.copy(EXAMPLES / "1-stable.json", live)
+    srv = start_server("--repository-config", str(live), repository=model_repo)
+    assert {classify(srv, request_id=f"a-{i}").model_version for i in range(10)} == {1}  # v2 is newer, not stable
+    step("2-shadow.json")
+    assert {classify(srv).model_version for _ in range(20)} == {1}
+    srv.wait_until("the copies compared", lambda: srv.metric("classifier_shadow_compared_images_total") == 20)
+    step("3-canary.json")
+    split = versions_of(classify(srv, request_id=f"user-{i}") for i in range(200))
+    assert set(split) == {1, 2} and split[2] < 50, split  # 10% of 200 ids
+    assert classify(srv, version_label="canary").model_version == 2
+    step("4-promote.json")
+    assert (classify(srv).model_version, classify(srv).version_label) == (2, "stable")
+    assert states(srv)[("cifar10", 1)][0] == pb.AVAILABLE  # `previous` keeps v1 loaded for a rollback
+    step("1-stable.json")
+    assert (classify(srv).model_version, classify(srv).version_label) == (1, "stable")
 
 
 # ---- safety ------------------------------------------------------------------------------------
