@@ -148,8 +148,8 @@ class DynamicBatcher:
     def _take_batch(self) -> list[_Pending] | None:
         with self._cond:
             while not self._queue:
-                if self._background:
-                    return self._take_background()
+                if self._background:  # only background work waits: up to a batch of it
+                    return self._pop_batch(self._background)[0]
                 if self._closing:
                     return None
                 self._cond.wait()
@@ -162,26 +162,22 @@ class DynamicBatcher:
                     self._cond.wait(remaining)
                 if not self._queue:  # all cancelled while we waited
                     return []
-            batch = [self._queue.popleft()]
-            size = len(batch[0].images)
-            while self._queue and size + len(self._queue[0].images) <= self.max_batch_size:
-                item = self._queue.popleft()
-                batch.append(item)
-                size += len(item.images)
+            batch, size = self._pop_batch(self._queue)
             self._queued_images -= size
             depth = self._queued_images
         self._observer.queue_depth(depth)
         return batch
 
-    def _take_background(self) -> list[_Pending]:
-        """Up to a full batch of background work (the caller holds the lock)."""
-        batch = [self._background.popleft()]
+    def _pop_batch(self, queue: deque[_Pending]) -> tuple[list[_Pending], int]:
+        """The oldest items of `queue` that fit in one batch (at least one), and their images
+        (the caller holds the lock)."""
+        batch = [queue.popleft()]
         size = len(batch[0].images)
-        while self._background and size + len(self._background[0].images) <= self.max_batch_size:
-            item = self._background.popleft()
+        while queue and size + len(queue[0].images) <= self.max_batch_size:
+            item = queue.popleft()
             batch.append(item)
             size += len(item.images)
-        return batch
+        return batch, size
 
     def _loop(self) -> None:
         while True:
