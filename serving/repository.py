@@ -148,6 +148,9 @@ class ModelRepository:
         self.default_model = default_model
         self.default_policy = VersionPolicy.parse(version_policy)
         self.config_path = Path(config_path) if config_path else self.root / REPOSITORY_CONFIG
+        # A file named on purpose (--repository-config) must be there: a mistyped path must not
+        # quietly mean "no rollout". Without one, no repository.json means the empty config.
+        self._config_required = config_path is not None
         # Copy-on-write: readers take a snapshot without a lock; only scan() replaces them.
         self._routes: dict[str, ModelRoutes] = {}
         self._versions: dict[tuple[str, int], ServedVersion] = {}
@@ -347,11 +350,14 @@ class ModelRepository:
 
     # ---- the config file -----------------------------------------------------------------
     def _read_config(self, on_disk: dict[str, dict[int, Path]]) -> RepositoryConfig | None:
-        """The file's config if it can be put in force, else None (rejected, logged). No file: the
-        empty config (every model on the server's version policy, no rollout)."""
+        """The file's config if it can be put in force, else None (rejected, logged). No
+        repository.json: the empty config (every model on the server's version policy, no rollout)."""
         try:
             text = self.config_path.read_text()
         except FileNotFoundError:
+            if self._config_required:
+                self._reject("no such file (--repository-config)")
+                return None
             return RepositoryConfig()
         except OSError as exc:
             self._reject(f"cannot read it: {exc.strerror or exc}")

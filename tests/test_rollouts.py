@@ -322,14 +322,22 @@ def test_a_config_naming_a_version_that_fails_to_load_is_rejected(guarded):
         reload(guarded)
 
 
-def test_a_bad_config_at_start_keeps_the_server_not_serving_until_it_is_fixed(start_server, model_repo):
-    write_config(model_repo, labels={"stable": 1}, traffic={"stable": 50})
-    srv = start_server(repository=model_repo, wait_ready=False)
+@pytest.mark.parametrize("where,words", [
+    ("repository.json", "the percents sum to 50"),
+    ("elsewhere.json", "no such file (--repository-config)"),  # a mistyped path must not mean "no rollout"
+])
+def test_a_bad_config_at_start_keeps_the_server_not_serving_until_it_is_fixed(start_server, model_repo, where, words):
+    if where == "repository.json":
+        write_config(model_repo, labels={"stable": 1}, traffic={"stable": 50})
+        srv = start_server(repository=model_repo, wait_ready=False)
+    else:
+        srv = start_server("--repository-config", str(model_repo / where), repository=model_repo, wait_ready=False)
     srv.wait_until("the rejection logged", lambda: "rejected" in srv.log())
-    assert "no config is in force, so the server stays NOT_SERVING" in srv.log()
+    assert words in srv.log() and "no config is in force, so the server stays NOT_SERVING" in srv.log()
     status = srv.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-    write_config(model_repo, labels={"stable": 1}, traffic={"stable": 100})
+    (model_repo / where).write_text(json.dumps({"models": {"cifar10": {"labels": {"stable": 1},
+                                                                        "traffic": {"stable": 100}}}}))
     srv.signal(signal.SIGHUP)
     srv.wait_serving()
     assert classify(srv).version_label == "stable"
