@@ -26,7 +26,6 @@ MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # A letter first, so that a label is never taken for a version number (V2's model_version carries both).
 LABEL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 MODEL_KEYS = ("version_policy", "labels", "traffic", "shadow")
-ROLLOUT_KEYS = ("labels", "traffic", "shadow")
 SHADOW_KEYS = ("version", "percent")
 PERCENT_TOLERANCE = 1e-6
 

@@ -48,15 +48,16 @@ class ShadowPair:
     """Metrics and window of shadow `shadow` beside primary `primary` of `model`."""
 
     def __init__(self, metrics: ServingMetrics, model: str, primary: int, shadow: int, window: int):
-        labels = (model, str(primary), str(shadow))
-        self.agreement = metrics.shadow_agreement.labels(*labels)
-        self.confidence_shift = metrics.shadow_confidence_shift.labels(*labels)
-        self.compared = metrics.shadow_compared.labels(*labels)
-        self.agreed = metrics.shadow_agreed.labels(*labels)
+        # The gauges get their series at the first comparison: a ratio of 0 before any would read as
+        # "never agrees".
+        self.labels = (model, str(primary), str(shadow))
+        self.compared = metrics.shadow_compared.labels(*self.labels)
+        self.agreed = metrics.shadow_agreed.labels(*self.labels)
         self.latency = metrics.shadow_latency.labels(model, str(shadow))
         self.dropped = {reason: metrics.shadow_dropped.labels(model, str(shadow), reason) for reason in DROP_REASONS}
         self.window = AgreementWindow(window)
         self.lock = threading.Lock()  # a replaced shadow version's thread may still be finishing
+        self.retired = False  # its shadow is no longer configured
 
 
 class ShadowDispatcher:
@@ -68,10 +69,6 @@ class ShadowDispatcher:
         self._pairs: dict[tuple[str, int, int], ShadowPair] = {}
         self._inflight = 0
         self._lock = threading.Lock()
-
-    @property
-    def inflight_images(self) -> int:
-        return self._inflight
 
     def offer(self, routed: Routed, images: np.ndarray, probabilities: np.ndarray) -> None:
         """Called after `routed.served` answered `images` with `probabilities`: maybe copy them to the shadow."""
@@ -134,9 +131,11 @@ class ShadowDispatcher:
         agreed = (primary_top == shadow_top).tolist()
         shift = (shadow_probabilities[rows, shadow_top] - primary_probabilities[rows, primary_top]).tolist()
         with pair.lock:
+            if pair.retired:
+                return
             agreement, mean_shift = pair.window.add(agreed, shift)
-            pair.agreement.set(agreement)
-            pair.confidence_shift.set(mean_shift)
+            self.metrics.shadow_agreement.labels(*pair.labels).set(agreement)
+            self.metrics.shadow_confidence_shift.labels(*pair.labels).set(mean_shift)
             pair.compared.inc(count)
             pair.agreed.inc(sum(agreed))
 
@@ -157,13 +156,14 @@ class ShadowDispatcher:
                    if rollout.shadow is not None}
         with self._lock:
             for key in [key for key in self._pairs if shadows.get(key[0]) != key[2]]:
-                del self._pairs[key]
-                labels = (key[0], str(key[1]), str(key[2]))
-                for gauge in (self.metrics.shadow_agreement, self.metrics.shadow_confidence_shift):
-                    try:
-                        gauge.remove(*labels)
-                    except KeyError:
-                        pass
+                retired = self._pairs.pop(key)
+                with retired.lock:  # a comparison still finishing must not bring the series back
+                    retired.retired = True
+                    for gauge in (self.metrics.shadow_agreement, self.metrics.shadow_confidence_shift):
+                        try:
+                            gauge.remove(*retired.labels)
+                        except KeyError:
+                            pass
         for model, shadow in shadows.items():
             for reason in DROP_REASONS:
                 self.metrics.shadow_dropped.labels(model, str(shadow), reason)

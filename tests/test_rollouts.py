@@ -252,6 +252,7 @@ def test_the_walkthrough_takes_v2_from_shadow_to_canary_to_stable_and_back(start
     assert {classify(srv).model_version for _ in range(20)} == {1}
     srv.wait_until("the copies compared", lambda: srv.metric("classifier_shadow_compared_images_total") == 20)
     step("3-canary.json")
+    assert "classifier_shadow_agreement_ratio" not in {name for name, _ in srv.metrics()}  # no stale ratio left
     split = versions_of(classify(srv, request_id=f"user-{i}") for i in range(200))
     assert set(split) == {1, 2} and split[2] < 50, split  # 10% of 200 ids
     assert classify(srv, version_label="canary").model_version == 2
