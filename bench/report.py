@@ -10,6 +10,7 @@ from pathlib import Path
 import matplotlib
 
 from bench.loadgen import STREAM_DEPTH
+from bench.shadow_cost import SHADOW_TARGET
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -106,6 +107,26 @@ def _peer_target(ours_key: str, concurrency: int, ours: dict, peer: dict, pairs:
         median >= 1.5 and p99_median <= 1.0, how)
 
 
+def shadow_ratios(results: dict) -> list[float]:
+    """Per round of the shadow row (bench/run.py `Bench.shadow`): p50 shadowed / p50 not."""
+    return [pair["shadow"]["p50_ms"] / pair["none"]["p50_ms"] for pair in results.get("shadow_cost", {}).get("pairs", [])]
+
+
+def _shadow_target(results: dict) -> dict | None:
+    ratios = shadow_ratios(results)
+    if not ratios:
+        return None
+    cost = results["shadow_cost"]
+    compared = sum(pair["shadow"]["shadow_images"].get("compared", 0) for pair in cost["pairs"])
+    dropped = sum(v for pair in cost["pairs"] for k, v in pair["shadow"]["shadow_images"].items() if k != "compared")
+    median = statistics.median(ratios)
+    return _target(
+        f"shadowing {cost['percent']:g}% of traffic: p50 at c={cost['pairs'][0]['concurrency']} within "
+        f"{SHADOW_TARGET - 1:.0%} of no shadow",
+        f"median of {len(ratios)} paired rounds {median:.3f}x ({', '.join(f'{r:.3f}' for r in ratios)})",
+        median <= SHADOW_TARGET, f"{compared:.0f} copies compared, {dropped:.0f} dropped on the shadowed sides")
+
+
 def targets(results: dict) -> list[dict]:
     """Met or missed. Where the run has paired rounds, a target's verdict is the median of its
     same-minute pairs; the one-pass figure (against the conservative limit) is shown beside it."""
@@ -161,6 +182,9 @@ def targets(results: dict) -> list[dict]:
         v2, native = saturation(rows["ours-v2"]), saturation(rows["ours-raw"])
         found.append(_target("ours-v2 saturation within 10% of ours-raw (same server, raw pixels)",
                              f"{v2:.0f} vs {native:.0f} img/s = {v2 / native:.0%}", v2 >= 0.9 * native))
+    shadow = _shadow_target(results)
+    if shadow:
+        found.append(shadow)
     startup = results.get("servers", {}).get("ours-startup")
     if startup:
         found.append(_target("startup (process start -> health SERVING) <= 2 s", f"{startup['startup_s']:.2f} s",
@@ -218,6 +242,33 @@ def paired_peer_table(results: dict) -> list[str]:
             f"| {pair['concurrency']} | {pair['round']} | {'ours' if pair['ours_first'] else 'peer'} | "
             f"{_fmt(ours['throughput'])} | {_fmt(ours['p99_ms'])} | {_fmt(peer['throughput'])} | "
             f"{_fmt(peer['p99_ms'])} | {ours['throughput'] / peer['throughput']:.2f}x | {errors} |")
+    return lines
+
+
+def shadow_table(results: dict) -> list[str]:
+    cost = results.get("shadow_cost", {})
+    if not cost.get("pairs"):
+        return []
+    lines = ["", "## Paired rounds: the callers' cost of shadow traffic", "",
+             f"{cost['rounds']} rounds; per pair the same server answering native Classify from v{cost['stable']} "
+             f"with {cost['percent']:g}% of the answered requests shadowed by v{cost['candidate']}, and without the "
+             f"shadow (repository.json switched by ReloadModels), {cost['seconds']:g} s each, back to back, the side "
+             "that goes first alternating. Copies count the warm-up too.", "",
+             "| c | round | first | shadowed p50 ms | plain p50 ms | ratio | shadowed img/s | plain img/s "
+             "| copies compared | copies dropped | errors |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for pair in cost["pairs"]:
+        shadowed, plain = pair["shadow"], pair["none"]
+        copies = shadowed["shadow_images"]
+        dropped = ", ".join(f"{k.removeprefix('dropped_')} {v:.0f}" for k, v in copies.items()
+                            if k != "compared" and v) or "0"
+        errors = ", ".join(f"{side} {k} {v}" for side, point in (("shadowed", shadowed), ("plain", plain))
+                           for k, v in point["errors"].items()) or "0"
+        lines.append(
+            f"| {pair['concurrency']} | {pair['round']} | {'shadowed' if pair['shadow_first'] else 'plain'} | "
+            f"{_fmt(shadowed['p50_ms'], 2)} | {_fmt(plain['p50_ms'], 2)} | "
+            f"{shadowed['p50_ms'] / plain['p50_ms']:.3f} | {_fmt(shadowed['throughput'])} | "
+            f"{_fmt(plain['throughput'])} | {copies.get('compared', 0):.0f} | {dropped} | {errors} |")
     return lines
 
 
@@ -288,6 +339,7 @@ def markdown(results: dict) -> str:
                          f"({limits[INT8]['best_throughput'] / limits[FP32]['best_throughput']:.2f}x).")
     lines += paired_table(results)
     lines += paired_peer_table(results)
+    lines += shadow_table(results)
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for target in results.get("targets", []):
         verdict = "met" if target["met"] else "**missed**"

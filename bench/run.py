@@ -13,6 +13,9 @@ Rows (each a separate server process; the load generator is this process):
                up at the same time as ours, its points interleaved with ours-v2's (AB, BA, ...)
   naive-raw    our server with --max-batch-size 1: one onnxruntime call per request
   int8-raw     our server on models/cifar10-int8 (only when present), against its own limit
+  shadow       our server, native Classify at c=16 with 10% of the answered requests shadowed by a
+               second version of cifar10, beside the same server without the shadow (config switched
+               by ReloadModels), in paired rounds: what shadowing costs the callers' p50
   paired       the targets' points again (ours-raw and ours-stream at c=1, every one-image row at
                c=64), each timed right beside a fresh timing of the limit, leading in alternation,
                for a few rounds: the verdicts take the median of these same-minute ratios; and
@@ -36,7 +39,7 @@ import grpc
 import onnxruntime as ort
 
 from bench import limit as raw_limit
-from bench import report, v2proto
+from bench import report, shadow_cost, v2proto
 from bench.endpoints import (Endpoint, cifar_test_images, health_check_endpoint, native_batch_endpoint, native_endpoint,
                              native_stream_endpoint, v2_endpoint)
 from bench.loadgen import STREAM_DEPTH, LoadResult, closed_loop, open_loop
@@ -433,6 +436,44 @@ class Bench:
         finally:
             server.stop()
 
+    def shadow(self) -> None:
+        """The callers' p50 at c=16 with SHADOW_PERCENT% of their requests shadowed, paired with no
+        shadow on the same server, for `paired_rounds` rounds, the side that goes first alternating;
+        each side records how many copies were compared and dropped (bench/shadow_cost.py)."""
+        rounds = self.plan.paired_rounds
+        if not rounds:
+            return
+        repository = shadow_cost.shadow_repository(self.work, MODELS)
+        extra = self.args.server_flags.split() if self.args.server_flags else []
+        server = OurServer(self.work / "shadow.log", ["--intra-op-threads", str(self.args.threads), *extra],
+                           repository.path).start()
+        endpoint = native_endpoint(self.images, "raw")
+        concurrency, percent = shadow_cost.SHADOW_CONCURRENCY, shadow_cost.SHADOW_PERCENT
+        print(f"== shadow: c={concurrency} x {rounds} rounds, v{repository.stable} answering, "
+              f"{percent:g}% shadowed by v{repository.candidate} beside no shadow", flush=True)
+        pairs = []
+        try:
+            # A fresh server's first point runs slower than the next (connections, allocator): not
+            # inside a pair, where it would count against whichever side goes first.
+            self._paired_point(server, endpoint, concurrency, f"shadow warm-up c={concurrency}")
+            for round_index, _, shadow_first in paired_order(rounds, [concurrency]):
+                sides = {}
+                for side in (("shadow", "none") if shadow_first else ("none", "shadow")):
+                    repository.configure(percent if side == "shadow" else 0)
+                    shadow_cost.reload(server)
+                    before = shadow_cost.shadow_images(server)
+                    sides[side] = self._paired_point(server, endpoint, concurrency, f"shadow {side} c={concurrency}")
+                    sides[side]["shadow_images"] = shadow_cost.minus(shadow_cost.shadow_images(server), before)
+                pairs.append({"round": round_index, "concurrency": concurrency, "shadow_first": shadow_first,
+                              "shadow": sides["shadow"], "none": sides["none"]})
+                print(f"  shadow round {round_index}: p50 {sides['shadow']['p50_ms']:.2f} ms shadowed vs "
+                      f"{sides['none']['p50_ms']:.2f} ms not; copies {sides['shadow']['shadow_images']}", flush=True)
+        finally:
+            self._record_server("shadow", server, final=True)
+            server.stop()
+        self.results["shadow_cost"] = {"rounds": rounds, "seconds": self.plan.paired_seconds, "percent": percent,
+                                       "stable": repository.stable, "candidate": repository.candidate, "pairs": pairs}
+
     # --- bookkeeping ---------------------------------------------------------------------------
 
     def _v2_messages(self):
@@ -460,7 +501,8 @@ class Bench:
             print("WARNING: a training run (training.train) is using the CPU: these timings are NOT valid", flush=True)
         began = time.perf_counter()
         steps = [("limit", self.limits), ("startup", self.startup), ("ours", self.ours),
-                 ("limit-after-rows", self.limit_after_rows), ("naive-raw", self.naive), ("int8-raw", self.int8)]
+                 ("limit-after-rows", self.limit_after_rows), ("naive-raw", self.naive), ("int8-raw", self.int8),
+                 ("shadow", self.shadow)]
         for name, step in steps:
             if name not in self.skip:
                 print(f"== {name}", flush=True)

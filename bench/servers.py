@@ -170,14 +170,14 @@ class OurServer(ManagedServer):
             channel.close()
         return self
 
-    def _metric_families(self):
+    def metric_families(self):
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
         return text_string_to_metric_families(text)
 
     def phase_times(self) -> PhaseTimes:
         seconds: dict[str, float] = {}
         counts: dict[str, float] = {}
-        for family in self._metric_families():
+        for family in self.metric_families():
             if family.name not in ("classifier_phase_duration_seconds", "classifier_request_duration_seconds"):
                 continue
             for sample in family.samples:
@@ -191,7 +191,7 @@ class OurServer(ManagedServer):
     def batch_sizes(self, model: str = "") -> BatchSizes:
         buckets: dict[float, float] = {}
         total = count = 0.0
-        for family in self._metric_families():
+        for family in self.metric_families():
             if family.name != "classifier_batch_size":
                 continue
             for sample in family.samples:

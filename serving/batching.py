@@ -5,6 +5,10 @@ loop. Requests queue with their deadline; the worker takes what is queued (up to
 `max_batch_size` images, waiting at most `max_delay_s` for more), drops expired and
 cancelled requests before computing, runs one batch and hands each request its rows.
 The queue is bounded in images: a full queue refuses at once (Overloaded).
+
+Background work (shadow copies of other versions' traffic) waits in a lane of its own: it runs
+only when no request is queued, never shares a batch with one, counts against no queue bound
+(its sender bounds it) and, when the batcher closes, is refused rather than drained.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class _Pending:
     future: Future
     deadline: float | None  # time.monotonic() seconds
     enqueued: float
+    background: bool = False
 
 
 class DynamicBatcher:
@@ -82,6 +87,8 @@ class DynamicBatcher:
         self._observer = observer or _NullObserver()
         self._queue: deque[_Pending] = deque()
         self._queued_images = 0
+        self._background: deque[_Pending] = deque()
+        self._running = False  # a batch is in onnxruntime now
         self._cond = threading.Condition()
         self._closing = False
         self._worker = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
@@ -91,13 +98,23 @@ class DynamicBatcher:
     def queued_images(self) -> int:
         return self._queued_images
 
-    def submit(self, images: np.ndarray, deadline: float | None = None) -> Future:
-        """Queue uint8 [k, 32, 32, 3]; the future gives a BatchResult or a ServingError."""
+    @property
+    def busy(self) -> bool:
+        """Running a batch, or requests waiting: the version is working for its callers."""
+        return self._running or self._queued_images > 0
+
+    def submit(self, images: np.ndarray, deadline: float | None = None, background: bool = False) -> Future:
+        """Queue uint8 [k, 32, 32, 3]; the future gives a BatchResult or a ServingError.
+        `background`: run only when no request waits (see the module docstring)."""
         count = len(images)
         future: Future = Future()
         with self._cond:
             if self._closing:
                 raise ShuttingDown("the model version is being unloaded or the server is shutting down; retry")
+            if background:
+                self._background.append(_Pending(images, future, deadline, time.monotonic(), background=True))
+                self._cond.notify()
+                return future
             if self._queued_images + count > self.max_queue_images:
                 raise Overloaded(
                     f"the queue of this model is full ({self._queued_images} of {self.max_queue_images} images "
@@ -127,15 +144,20 @@ class DynamicBatcher:
         self._observer.dropped("cancelled", 1)
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new work, finish what is queued, stop the worker."""
+        """Refuse new work and queued background work, finish the queued requests, stop the worker."""
         with self._cond:
             self._closing = True
+            refused, self._background = self._background, deque()
             self._cond.notify_all()
+        for item in refused:
+            item.future.set_exception(ShuttingDown("the model version is being unloaded"))
         self._worker.join(timeout)
 
     def _take_batch(self) -> list[_Pending] | None:
         with self._cond:
             while not self._queue:
+                if self._background:  # only background work waits: up to a batch of it
+                    return self._pop_batch(self._background)[0]
                 if self._closing:
                     return None
                 self._cond.wait()
@@ -148,16 +170,22 @@ class DynamicBatcher:
                     self._cond.wait(remaining)
                 if not self._queue:  # all cancelled while we waited
                     return []
-            batch = [self._queue.popleft()]
-            size = len(batch[0].images)
-            while self._queue and size + len(self._queue[0].images) <= self.max_batch_size:
-                item = self._queue.popleft()
-                batch.append(item)
-                size += len(item.images)
+            batch, size = self._pop_batch(self._queue)
             self._queued_images -= size
             depth = self._queued_images
         self._observer.queue_depth(depth)
         return batch
+
+    def _pop_batch(self, queue: deque[_Pending]) -> tuple[list[_Pending], int]:
+        """The oldest items of `queue` that fit in one batch (at least one), and their images
+        (the caller holds the lock)."""
+        batch = [queue.popleft()]
+        size = len(batch[0].images)
+        while queue and size + len(queue[0].images) <= self.max_batch_size:
+            item = queue.popleft()
+            batch.append(item)
+            size += len(item.images)
+        return batch, size
 
     def _loop(self) -> None:
         while True:
@@ -173,21 +201,30 @@ class DynamicBatcher:
                     item.future.set_exception(
                         DeadlineExpired("the request's deadline passed while it waited in the queue; it was not computed")
                     )
-                    self._observer.dropped("deadline_exceeded", 1)
+                    if not item.background:  # its sender counts its own drops
+                        self._observer.dropped("deadline_exceeded", 1)
                 else:
                     live.append(item)
             if live:
                 self._execute(live, now)
 
+    def _compute(self, images: np.ndarray) -> Rows:
+        """The runtime call(s); `busy` meanwhile, and no longer by the time the callers get answers."""
+        self._running = True
+        try:
+            if len(images) <= self.max_batch_size:
+                return self._run(images)
+            # one oversized request: run it in max-size chunks
+            chunks = [self._run(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
+            return tuple(np.concatenate(parts) for parts in zip(*chunks))
+        finally:
+            self._running = False
+
     def _execute(self, batch: list[_Pending], started: float) -> None:
         images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
         try:
             t0 = time.perf_counter()
-            if len(images) <= self.max_batch_size:
-                rows = self._run(images)
-            else:  # one oversized request: run it in max-size chunks
-                chunks = [self._run(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
-                rows = tuple(np.concatenate(parts) for parts in zip(*chunks))
+            rows = self._compute(images)
             inference_s = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - every waiting client must get an answer
             error = exc if isinstance(exc, InferenceFailed) else InferenceFailed("inference failed; see the server log")

@@ -91,7 +91,8 @@ class CallObserver:
             self.metrics.child(self.metrics.rejections, reason, protocol).inc()
 
     def finish(self, call: CallRecord, code: grpc.StatusCode, seconds: float) -> None:
-        self.metrics.child(self.metrics.requests, call.method, code.name, call.protocol, call.model).inc()
+        version = str(call.version) if call.version else ""
+        self.metrics.child(self.metrics.requests, call.method, code.name, call.protocol, call.model, version).inc()
         self.metrics.child(self.metrics.request_latency, call.method, code.name, call.protocol).observe(seconds)
         if self.access_log_enabled:
             access_log.info(

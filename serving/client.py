@@ -1,6 +1,6 @@
 """Classify image files or directories with a running server.
 
-    python -m serving.client IMAGE_OR_DIR [...] [--target localhost:50051] [--model NAME] [--top-k 3]
+    python -m serving.client IMAGE_OR_DIR [...] [--target localhost:50051] [--model NAME] [--label stable] [--top-k 3]
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", help="image files or directories")
     parser.add_argument("--target", default="localhost:50051")
     parser.add_argument("--model", default="", help="model name (default: the server's default model)")
-    parser.add_argument("--version", type=int, default=0, help="model version (0: newest)")
+    parser.add_argument("--version", type=int, default=0,
+                        help="model version (0: the model's traffic split if it has one, else the newest)")
+    parser.add_argument("--label", default="", help="version label, e.g. stable (instead of --version)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, seconds")
     add_connection_arguments(parser)
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         stub = pb_grpc.ClassifierStub(channel)
         for path in files:
             request = pb.ClassifyRequest(
-                image=pb.Image(encoded=path.read_bytes()), model_name=args.model, model_version=args.version
+                image=pb.Image(encoded=path.read_bytes()), model_name=args.model, model_version=args.version,
+                version_label=args.label,
             )
             if args.top_k is not None:
                 request.top_k = args.top_k
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{path}: {err.code().name}: {err.details()}")
                 continue
             ranked = ", ".join(f"{p.label} {p.probability:.3f}" for p in response.predictions)
-            print(f"{path}: {ranked}  [{response.model_name} v{response.model_version}]")
+            label = f" {response.version_label}" if response.version_label else ""
+            print(f"{path}: {ranked}  [{response.model_name} v{response.model_version}{label}]")
     return 1 if failures else 0
 
 

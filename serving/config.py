@@ -29,6 +29,11 @@ class ServerConfig:
     default_model: str = "cifar10"
     version_policy: str = "latest:1"  # latest:N | all | specific:1,3
     poll_interval_s: float = 0.0  # 0 = no polling (ReloadModels RPC and SIGHUP still work)
+    repository_config: str = ""  # "" = <model_repository>/repository.json (policies, labels, traffic, shadow)
+    # Shadow traffic (docs/rollouts.md): its cost is bounded, its agreement measured over a window.
+    shadow_max_inflight_images: int = 64
+    shadow_drop_queue_images: int = 0  # 0: a copy goes only while the answering version is idle
+    shadow_window_images: int = 1000
     # Runtime
     providers: str = "auto"
     require_gpu: bool = False
@@ -77,6 +82,12 @@ _HELP = {
     "default_model": "model that answers requests naming none",
     "version_policy": "versions to serve per model: latest:N, all, or specific:V1,V2",
     "poll_interval_s": "seconds between repository scans for new/changed/removed versions (0: off)",
+    "repository_config": "repository config file: version policies, version labels, traffic split, shadow "
+                         "(empty: <model-repository>/repository.json; re-read on every scan)",
+    "shadow_max_inflight_images": "most images copied to shadow versions and not yet compared; more are dropped",
+    "shadow_drop_queue_images": "drop a shadow copy while the answering version's queue holds this many images or "
+                                "more; 0: while it runs a batch or anything waits (shadow work goes first under load)",
+    "shadow_window_images": "images over which classifier_shadow_agreement_ratio and the confidence shift are taken",
     "providers": "execution providers: auto (TensorRT, CUDA, CPU: best available), cpu, cuda, tensorrt",
     "require_gpu": "fail readiness instead of silently falling back to the CPU provider",
     "intra_op_threads": "onnxruntime intra-op threads (0: one per core)",
@@ -178,6 +189,12 @@ def validate(config: ServerConfig) -> list[str]:
         problems.append("--max-images-per-request must be >= 1")
     if config.drift_window < 1:
         problems.append("--drift-window must be >= 1")
+    if config.shadow_max_inflight_images < 1:
+        problems.append("--shadow-max-inflight-images must be >= 1")
+    if config.shadow_drop_queue_images < 0:
+        problems.append("--shadow-drop-queue-images must be >= 0")
+    if config.shadow_window_images < 1:
+        problems.append("--shadow-window-images must be >= 1")
     if config.max_batch_delay_ms < 0:
         problems.append("--max-batch-delay-ms must be >= 0")
     if bool(config.tls_cert) != bool(config.tls_key):

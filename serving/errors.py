@@ -69,6 +69,13 @@ class NotSupported(ServingError):
     reason = "not_supported"
 
 
+class ConfigRejected(ServingError):
+    """The repository config file on disk was not put in force (FAILED_PRECONDITION); the message
+    says why, and that the last good config still routes requests."""
+
+    reason = "config_rejected"
+
+
 class StartupError(Exception):
     """A setting that cannot work (an unreadable certificate, a tokens file without tokens):
     the server refuses to start and says why in one line, without a traceback."""

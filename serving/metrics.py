@@ -25,8 +25,14 @@ class ServingMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
         self.requests = Counter(
-            "requests_total", "RPCs answered, by method, gRPC status code, protocol and model",
-            ["method", "code", "protocol", "model"], namespace=NAMESPACE, registry=registry,
+            "requests_total", "RPCs answered, by method, gRPC status code, protocol, model and the version "
+            "that answered (empty when none was chosen)",
+            ["method", "code", "protocol", "model", "version"], namespace=NAMESPACE, registry=registry,
+        )
+        self.routed = Counter(
+            "routed_requests_total", "Requests routed to a model version, by how it was chosen: version (a number), "
+            "label (a version label), split (the traffic policy), newest (no policy)",
+            ["model", "version", "route"], namespace=NAMESPACE, registry=registry,
         )
         self.request_latency = Histogram(
             "request_duration_seconds", "RPC latency from handler entry to answer",
@@ -94,6 +100,52 @@ class ServingMetrics:
         )
         self.drift = DriftCollector()
         registry.register(self.drift)
+        # Rollouts: the config in force, and the shadow's comparison with the version that answered.
+        self.repository_config_ok = Gauge(
+            "repository_config_ok", "1 when the repository config file on disk is in force; 0 when it was "
+            "rejected (the last good config stays in force; the log says why)", namespace=NAMESPACE, registry=registry,
+        )
+        self.version_labels = Gauge(
+            "version_label", "1 per version label in force, naming the version it points to",
+            ["model", "label", "version"], namespace=NAMESPACE, registry=registry,
+        )
+        self.traffic_percent = Gauge(
+            "traffic_percent", "Configured share (%) of the requests naming no version, per model version "
+            "(no series: no split, the newest version takes them all)",
+            ["model", "version"], namespace=NAMESPACE, registry=registry,
+        )
+        self.shadow_percent = Gauge(
+            "shadow_sample_percent", "Configured percent of a model's answered requests copied to its shadow version",
+            ["model", "shadow"], namespace=NAMESPACE, registry=registry,
+        )
+        self.shadow_agreement = Gauge(
+            "shadow_agreement_ratio", "Top-1 agreement of the shadow version with the version that answered, over "
+            "the last --shadow-window-images images compared", ["model", "primary", "shadow"],
+            namespace=NAMESPACE, registry=registry,
+        )
+        self.shadow_confidence_shift = Gauge(
+            "shadow_confidence_shift", "Mean top-1 probability of the shadow minus that of the version that "
+            "answered, over the same window (negative: the shadow is less sure)", ["model", "primary", "shadow"],
+            namespace=NAMESPACE, registry=registry,
+        )
+        self.shadow_compared = Counter(
+            "shadow_compared_images_total", "Images answered by the primary and by its shadow, compared",
+            ["model", "primary", "shadow"], namespace=NAMESPACE, registry=registry,
+        )
+        self.shadow_agreed = Counter(
+            "shadow_agreed_images_total", "Compared images on which the shadow's top-1 class was the primary's",
+            ["model", "primary", "shadow"], namespace=NAMESPACE, registry=registry,
+        )
+        self.shadow_latency = Histogram(
+            "shadow_duration_seconds", "Shadow copy from hand-off to the shadow's answer (queue and inference, off "
+            "the caller's path)", ["model", "shadow"], buckets=LATENCY_BUCKETS, namespace=NAMESPACE, registry=registry,
+        )
+        self.shadow_dropped = Counter(
+            "shadow_dropped_images_total", "Sampled images never compared: budget (--shadow-max-inflight-images "
+            "reached), load (the primary was busy: --shadow-drop-queue-images), stale (waited too long), "
+            "unavailable, failed",
+            ["model", "shadow", "reason"], namespace=NAMESPACE, registry=registry,
+        )
         self._children: dict[tuple, object] = {}
 
     def child(self, metric, *labels: str):
@@ -112,6 +164,19 @@ class ServingMetrics:
     def model_loaded(self, model: str, version: int, sha256: str, providers: list[str], on_gpu: bool) -> None:
         self.model_info.labels(model, str(version), sha256, providers[0]).set(1)
         self.model_on_gpu.labels(model, str(version)).set(1 if on_gpu else 0)
+
+    def rollout_in_force(self, rollouts: dict) -> None:
+        """The labels, traffic shares and shadow percents of the config just put in force
+        ({model: ModelRollout}); the series of the previous config go."""
+        for gauge in (self.version_labels, self.traffic_percent, self.shadow_percent):
+            gauge.clear()
+        for model, rollout in rollouts.items():
+            for label, version in rollout.labels.items():
+                self.version_labels.labels(model, label, str(version)).set(1)
+            for share in rollout.traffic:
+                self.traffic_percent.labels(model, str(share.version)).set(share.percent)
+            if rollout.shadow is not None:
+                self.shadow_percent.labels(model, str(rollout.shadow.version)).set(rollout.shadow.percent)
 
     def model_unloaded(self, model: str, version: int, sha256: str, providers: list[str]) -> None:
         for gauge, labels in (

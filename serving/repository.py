@@ -5,31 +5,43 @@ and rescans on demand (poller, ReloadModels RPC, SIGHUP): new versions are loade
 before they take traffic, then swapped in atomically; replaced and removed versions finish
 what they have queued and are released. A version that fails to load never replaces one
 that works.
+
+Routing (version labels, the weighted traffic split, the shadow) follows the repository config
+file (serving/repository_config.py), re-read on every scan: a file that cannot be put in force
+is rejected as a whole and the last good one stays; a version the config in force routes to is
+kept loaded (even when its directory is removed) until the config stops naming it.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from serving.batching import DynamicBatcher
-from serving.drift import DriftWindow, DriftReferenceError, read_reference
-from serving.errors import InvalidInput, ModelNotFound, ModelNotReady
+from serving.drift import DriftReferenceError, DriftWindow, read_reference
+from serving.errors import ConfigRejected, InvalidInput, ModelNotFound, ModelNotReady
 from serving.memory import release_freed_memory
 from serving.metrics import ServingMetrics
+from serving.repository_config import (
+    LABEL_PATTERN, MODEL_NAME_PATTERN, ConfigError, ModelRollout, RepositoryConfig, VersionPolicy,
+    describe_changes, sticky_point,
+)
 from serving.runtime import CARD_FILE, MODEL_FILE, ModelLoadError, OnnxModel, RuntimeOptions
 from serving.trust import ScoredRunner, Trust, TrustCardError
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 REPOSITORY_CONFIG = "repository.json"
+# How a request's version was chosen (the `route` label of classifier_routed_requests_total).
+ROUTE_VERSION, ROUTE_LABEL, ROUTE_SPLIT, ROUTE_NEWEST = "version", "label", "split", "newest"
+# Removing a version the config in force routes to is refused: its session keeps serving.
+REMOVED_BUT_ROUTED = ("removed from disk, kept loaded: the rollout config in force routes to it "
+                      "(move its labels, traffic and shadow elsewhere, then rescan)")
 
 
 class VersionState(enum.Enum):
@@ -37,41 +49,6 @@ class VersionState(enum.Enum):
     AVAILABLE = 2
     UNLOADING = 3
     FAILED = 4
-
-
-@dataclass(frozen=True)
-class VersionPolicy:
-    """latest:N | all | specific:V1,V2"""
-
-    kind: str
-    count: int = 1
-    versions: frozenset[int] = frozenset()
-
-    @classmethod
-    def parse(cls, text: str) -> "VersionPolicy":
-        text = text.strip().lower()
-        try:
-            if text == "all":
-                return cls("all")
-            kind, _, arg = text.partition(":")
-            if kind == "latest":
-                count = int(arg or 1)
-                if count < 1:
-                    raise ValueError
-                return cls("latest", count=count)
-            if kind == "specific":
-                return cls("specific", versions=frozenset(int(v) for v in arg.split(",") if v.strip()))
-        except ValueError:
-            pass
-        raise ValueError(f"bad version policy {text!r}: expected latest:N, all or specific:V1,V2")
-
-    def select(self, versions: list[int]) -> list[int]:
-        ordered = sorted(versions)
-        if self.kind == "all":
-            return ordered
-        if self.kind == "latest":
-            return ordered[-self.count:]
-        return [v for v in ordered if v in self.versions]
 
 
 @dataclass(frozen=True)
@@ -94,6 +71,47 @@ class ServedVersion:
     trust: Trust | None = None  # calibration and the unsure rule, from the card
     window: DriftWindow | None = None  # what it served lately, for the drift scores
     loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class ModelRoutes:
+    """One model's routing snapshot: its available versions and the rollout in force, swapped as
+    one object, so a request never sees a rollout naming a version its snapshot lacks."""
+
+    versions: dict[int, ServedVersion]
+    rollout: ModelRollout
+
+    @property
+    def newest(self) -> int:
+        return max(self.versions)
+
+    @property
+    def default_version(self) -> int:
+        """What a request naming no version mostly gets: the largest traffic share (the newer on a
+        tie), else the newest version."""
+        if not self.rollout.traffic:
+            return self.newest
+        return max(self.rollout.traffic, key=lambda share: (share.percent, share.version)).version
+
+
+@dataclass(slots=True)
+class RouteRequest:
+    """What a request asked for; routing it again (after a hot swap) gives the same answer."""
+
+    model: str
+    version: int = 0
+    label: str = ""
+    request_id: str = ""
+
+
+@dataclass(slots=True)  # one per request: slots, not frozen, to keep it cheap
+class Routed:
+    served: ServedVersion
+    how: str  # ROUTE_VERSION | ROUTE_LABEL | ROUTE_SPLIT | ROUTE_NEWEST
+    label: str  # the label that chose the version ("" when none did)
+    request: RouteRequest
+    shadow: ServedVersion | None = None  # gets a sampled copy once `served` has answered
+    shadow_percent: float = 0.0
 
 
 def validate_model_name(name: str) -> str:
@@ -127,6 +145,7 @@ class ModelRepository:
         metrics: ServingMetrics,
         default_model: str,
         version_policy: str = "latest:1",
+        config_path: Path | None = None,
         drift_window: int = 512,
     ):
         self.root = Path(root)
@@ -134,16 +153,54 @@ class ModelRepository:
         self.default_model = default_model
         self.default_policy = VersionPolicy.parse(version_policy)
         self.drift_window = drift_window
+        self.config_path = Path(config_path) if config_path else self.root / REPOSITORY_CONFIG
+        # A file named on purpose (--repository-config) must be there: a mistyped path must not
+        # quietly mean "no rollout". Without one, no repository.json means the empty config.
+        self._config_required = config_path is not None
         # Copy-on-write: readers take a snapshot without a lock; only scan() replaces them.
-        self._routes: dict[str, dict[int, ServedVersion]] = {}
+        self._routes: dict[str, ModelRoutes] = {}
         self._versions: dict[tuple[str, int], ServedVersion] = {}
+        self._config = RepositoryConfig()  # the config in force
+        self._config_accepted = False  # a config file, if there is one, has been put in force once
+        self.config_error = ""  # why the file on disk is not the config in force ("" when it is)
+        self._config_listeners: list[Callable[[RepositoryConfig], None]] = []
         self._scan_lock = threading.Lock()
         self._closed = False
 
     # ---- reading (hot path) -------------------------------------------------------------
-    def resolve(self, name: str, version: int = 0) -> ServedVersion:
-        """The AVAILABLE version to serve: `version` 0 means the newest available."""
+    def route(self, name: str, version: int = 0, label: str = "", request_id: str = "") -> Routed:
+        """The version to serve a request: a label names one; a version number names one; neither:
+        the model's traffic split (sticky per request id) or, without one, the newest. Also the
+        shadow version that gets a copy of the request, if any."""
+        request = RouteRequest(name or self.default_model, version, label, request_id)
+        routes = self._model_routes(request.model)
+        if label:
+            served, how = self._labelled(request.model, routes, label, version), ROUTE_LABEL
+        elif version:
+            served, how = self._numbered(request.model, routes, version), ROUTE_VERSION
+        elif routes.rollout.traffic:
+            share = routes.rollout.choose(sticky_point(request.model, request_id))
+            served = self._available(request.model, routes, share.version, str(share))
+            how, label = ROUTE_SPLIT, share.label
+        else:
+            served, how = routes.versions[routes.newest], ROUTE_NEWEST
+        shadow = routes.rollout.shadow
+        if shadow is None or shadow.version == served.version or shadow.version not in routes.versions:
+            return Routed(served, how, label, request)
+        return Routed(served, how, label, request, routes.versions[shadow.version], shadow.percent)
+
+    def resolve(self, name: str, version: int = 0, label: str = "") -> ServedVersion:
+        """The version a label or number names; neither: the one unnamed requests mostly get (the
+        largest traffic share, else the newest). For metadata and readiness: no split, no shadow."""
         name = name or self.default_model
+        routes = self._model_routes(name)
+        if label:
+            return self._labelled(name, routes, label, version)
+        if version:
+            return self._numbered(name, routes, version)
+        return self._available(name, routes, routes.default_version, "the default")
+
+    def _model_routes(self, name: str) -> ModelRoutes:
         routes = self._routes.get(name)
         if routes is None:
             validate_model_name(name)
@@ -151,9 +208,10 @@ class ModelRepository:
             if any(key[0] == name for key in self._versions):
                 raise ModelNotReady(f"model {name!r} has no available version yet: {self._state_words(name)}")
             raise ModelNotFound(f"model {name!r} is not in the repository (available: {known})")
-        if version == 0:
-            return routes[max(routes)]
-        served = routes.get(version)
+        return routes
+
+    def _numbered(self, name: str, routes: ModelRoutes, version: int) -> ServedVersion:
+        served = routes.versions.get(version)
         if served is None:
             if version < 0:
                 raise InvalidInput(f"model_version must be >= 0 (0: newest), got {version}", reason="bad_version")
@@ -161,8 +219,27 @@ class ModelRepository:
             if entry is not None:
                 raise ModelNotReady(f"model {name!r} version {version} is {entry.state.name}: {entry.error or 'not ready'}")
             raise ModelNotFound(
-                f"model {name!r} has no version {version} (available: {', '.join(map(str, sorted(routes)))})"
+                f"model {name!r} has no version {version} (available: {', '.join(map(str, sorted(routes.versions)))})"
             )
+        return served
+
+    def _labelled(self, name: str, routes: ModelRoutes, label: str, version: int) -> ServedVersion:
+        if version:
+            raise InvalidInput(f"the request names version {version} and label {label[:40]!r}: name one",
+                               reason="bad_version")
+        if not LABEL_PATTERN.match(label):
+            raise InvalidInput(f"version label {label[:40]!r} is not valid: a letter, then up to 63 letters, "
+                               "digits, '_', '-', '.'", reason="bad_version")
+        target = routes.rollout.labels.get(label)
+        if target is None:
+            known = ", ".join(sorted(routes.rollout.labels)) or "none"
+            raise ModelNotFound(f"model {name!r} has no version label {label!r} (labels: {known})")
+        return self._available(name, routes, target, f"label {label!r}")
+
+    def _available(self, name: str, routes: ModelRoutes, version: int, why: str) -> ServedVersion:
+        served = routes.versions.get(version)
+        if served is None:  # the config in force only names available versions; a guard, not a path
+            raise ModelNotReady(f"model {name!r}: {why} routes to version {version}, which is not available")
         return served
 
     def _state_words(self, name: str) -> str:
@@ -174,22 +251,31 @@ class ModelRepository:
     def statuses(self) -> list[ServedVersion]:
         return [self._versions[key] for key in sorted(self._versions)]
 
+    @property
+    def config(self) -> RepositoryConfig:
+        """The config in force (the last good one when the file on disk was rejected)."""
+        return self._config
+
     def ready(self) -> bool:
-        """SERVING: the default model has an available version."""
-        return bool(self._routes.get(self.default_model))
+        """SERVING: the default model has an available version, and the config file, if there is
+        one, has been put in force (a server never routes by a config it was not given)."""
+        return self.default_model in self._routes and self._config_accepted
+
+    def check_config_in_force(self) -> None:
+        """After a rescan asked for by a caller: tell them when the file on disk was not put in force."""
+        if self.config_error:
+            raise ConfigRejected(f"{self.config_error} (the versions were rescanned)")
+
+    def not_ready_reason(self) -> str:
+        if self.default_model not in self._routes:
+            return f"default model {self.default_model!r} has no available version"
+        return self.config_error or "no repository config is in force yet"
+
+    def add_config_listener(self, listener: Callable[[RepositoryConfig], None]) -> None:
+        """Called (on the scan thread) with each config put in force."""
+        self._config_listeners.append(listener)
 
     # ---- scanning ------------------------------------------------------------------------
-    def _policies(self) -> dict[str, VersionPolicy]:
-        path = self.root / REPOSITORY_CONFIG
-        if not path.exists():
-            return {}
-        try:
-            raw = json.loads(path.read_text())
-            return {name: VersionPolicy.parse(spec["version_policy"]) for name, spec in raw.get("models", {}).items()}
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
-            log.error("ignoring %s: %s", path, exc)
-            return {}
-
     def discover(self) -> dict[str, dict[int, Path]]:
         """Every valid version directory on disk: {name: {version: directory}}."""
         found: dict[str, dict[int, Path]] = {}
@@ -217,24 +303,39 @@ class ModelRepository:
         return found
 
     def scan(self) -> list[ServedVersion]:
-        """Bring the served set in line with the disk; returns the statuses afterwards."""
+        """Bring the served set and the routing in line with the disk; returns the statuses afterwards.
+
+        Order: read the config file; load what it (or, if rejected, the config in force) wants;
+        put it in force once every version it routes to is available; only then unload what
+        nothing wants any more, so no request is routed to a version being released.
+        """
         with self._scan_lock:
             if self._closed:
                 return self.statuses()
             on_disk = self.discover()
-            policies = self._policies()
-            wanted: dict[tuple[str, int], Path] = {}
-            for name, versions in on_disk.items():
-                for version in policies.get(name, self.default_policy).select(list(versions)):
-                    wanted[(name, version)] = versions[version]
+            candidate = self._read_config(on_disk)
+            wanted = self._wanted(on_disk, candidate or self._config)
             for key, directory in sorted(wanted.items()):
                 current = self._versions.get(key)
                 fp = fingerprint(directory)
                 if current is not None and current.fingerprint == fp:
+                    if current.error == REMOVED_BUT_ROUTED:  # its directory is back
+                        current.error = ""
                     continue
                 self._load(key, directory, fp, replacing=current)
+            if candidate is not None:
+                unavailable = self._unavailable_references(candidate)
+                if unavailable:
+                    self._reject(unavailable)
+                    wanted = self._wanted(on_disk, self._config)
+                else:
+                    self._accept(candidate)
+            pinned = self._config.referenced()
             for key in [k for k in self._versions if k not in wanted]:
                 name, version = key
+                if key in pinned:  # routed to but gone from disk: its session keeps serving
+                    self._keep_removed(self._versions[key])
+                    continue
                 still_on_disk = version in on_disk.get(name, {})
                 if still_on_disk and not self._has_available_wanted(name, wanted):
                     # Out of policy, but nothing newer loaded: a broken new version must not
@@ -242,6 +343,78 @@ class ModelRepository:
                     continue
                 self._unload(self._versions[key])
             return self.statuses()
+
+    def _wanted(self, on_disk: dict[str, dict[int, Path]], config: RepositoryConfig) -> dict[tuple[str, int], Path]:
+        """The versions the policy selects, plus those the config routes to (whatever the policy)."""
+        wanted: dict[tuple[str, int], Path] = {}
+        for name, versions in on_disk.items():
+            chosen = set(config.policy_for(name, self.default_policy).select(list(versions)))
+            chosen |= config.rollout_for(name).referenced_versions() & versions.keys()
+            for version in chosen:
+                wanted[(name, version)] = versions[version]
+        return wanted
+
+    # ---- the config file -----------------------------------------------------------------
+    def _read_config(self, on_disk: dict[str, dict[int, Path]]) -> RepositoryConfig | None:
+        """The file's config if it can be put in force, else None (rejected, logged). No
+        repository.json: the empty config (every model on the server's version policy, no rollout)."""
+        try:
+            text = self.config_path.read_text()
+        except FileNotFoundError:
+            if self._config_required:
+                self._reject("no such file (--repository-config)")
+                return None
+            return RepositoryConfig()
+        except OSError as exc:
+            self._reject(f"cannot read it: {exc.strerror or exc}")
+            return None
+        try:
+            config = RepositoryConfig.parse(text)
+            config.check_against(on_disk)
+        except ConfigError as exc:
+            self._reject(str(exc))
+            return None
+        return config
+
+    def _unavailable_references(self, config: RepositoryConfig) -> str:
+        problems = []
+        for name, version in sorted(config.referenced()):
+            served = self._versions.get((name, version))
+            if served is None or served.state is not VersionState.AVAILABLE:
+                state = served.state.name if served else "not loaded"
+                detail = f": {served.error}" if served is not None and served.error else ""
+                problems.append(f"models.{name}: version {version} is {state}{detail}")
+        return "; ".join(problems)
+
+    def _reject(self, problem: str) -> None:
+        consequence = ("the last good config stays in force" if self._config_accepted else
+                       "no config is in force, so the server stays NOT_SERVING until the file is fixed")
+        message = f"{self.config_path} rejected: {problem}; {consequence}"
+        if message != self.config_error:  # a poller re-reading the same bad file logs it once
+            log.error("%s", message)
+        self.config_error = message
+        self.metrics.repository_config_ok.set(0)
+
+    def _accept(self, config: RepositoryConfig) -> None:
+        if config == self._config and self._config_accepted:
+            if self.config_error:
+                log.info("%s is in force again (unchanged from the last good config)", self.config_path)
+            self.config_error = ""
+            self.metrics.repository_config_ok.set(1)
+            return
+        for line in describe_changes(self._config, config, self.default_policy):
+            log.info("repository config %s: %s", self.config_path, line)
+        self._config, self._config_accepted, self.config_error = config, True, ""
+        self._rebuild_routes()
+        self.metrics.rollout_in_force(config.rollouts())
+        self.metrics.repository_config_ok.set(1)
+        for listener in self._config_listeners:
+            listener(config)
+
+    def _keep_removed(self, served: ServedVersion) -> None:
+        if served.error != REMOVED_BUT_ROUTED:
+            log.warning("model %s v%d %s", served.name, served.version, REMOVED_BUT_ROUTED)
+            served.error = REMOVED_BUT_ROUTED
 
     def _has_available_wanted(self, name: str, wanted: dict[tuple[str, int], Path]) -> bool:
         return any(
@@ -303,11 +476,12 @@ class ModelRepository:
         self._rebuild_routes()
 
     def _rebuild_routes(self) -> None:
-        routes: dict[str, dict[int, ServedVersion]] = {}
+        available: dict[str, dict[int, ServedVersion]] = {}
         for (name, version), served in self._versions.items():
             if served.state is VersionState.AVAILABLE:
-                routes.setdefault(name, {})[version] = served
-        self._routes = routes
+                available.setdefault(name, {})[version] = served
+        self._routes = {name: ModelRoutes(versions, self._config.rollout_for(name))
+                        for name, versions in available.items()}
 
     def _unload(self, served: ServedVersion) -> None:
         served.state = VersionState.UNLOADING

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +28,7 @@ from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc
 from serving.repository import BatchingOptions, ModelRepository
 from serving.runtime import RuntimeOptions
 from serving.service import InferenceCore
+from serving.shadow import ShadowDispatcher
 from serving.servicer import PROTOCOL as NATIVE_PROTOCOL
 from serving.servicer import SERVICE_NAME, ClassifierServicer
 from serving.v2.servicer import PROTOCOL as V2_PROTOCOL
@@ -57,9 +59,12 @@ class ClassifierServer:
             RuntimeOptions(config.providers, config.require_gpu, config.intra_op_threads,
                            config.inter_op_threads, config.graph_optimization, config.intra_op_spinning),
             BatchingOptions(config.max_batch_size, config.max_batch_delay_ms / 1000.0, config.max_queue_size),
-            self.metrics, config.default_model, config.version_policy, config.drift_window,
+            self.metrics, config.default_model, config.version_policy,
+            Path(config.repository_config) if config.repository_config else None, config.drift_window,
         )
-        self.core = InferenceCore(self.repository, self.metrics)
+        shadows = ShadowDispatcher(self.metrics, config.shadow_max_inflight_images, config.shadow_drop_queue_images,
+                                   config.shadow_window_images)
+        self.core = InferenceCore(self.repository, self.metrics, shadows)
         self.calls = CallObserver(self.metrics, config.access_log)
         self.health = HealthServicer()
         self.health_services = ["", SERVICE_NAME]
@@ -166,7 +171,7 @@ class ClassifierServer:
             await self.health.set(service, status)
         self.metrics.serving.set(1 if ready else 0)
         if not ready:
-            log.warning("NOT_SERVING: default model %r has no available version", self.config.default_model)
+            log.warning("NOT_SERVING: %s", self.repository.not_ready_reason())
 
     async def stop(self, grace: float | None = None) -> None:
         if self._stopping:

@@ -1,7 +1,8 @@
-"""The inference core shared by every API face: route, batch, post-process. No gRPC here.
+"""The inference core shared by every API face: route, batch, post-process, shadow. No gRPC here.
 
-Both the native Classifier API and the Open Inference Protocol call `InferenceCore.infer`,
-so they share the batcher, queue bound, deadlines and metrics.
+Both the native Classifier API and the Open Inference Protocol call `InferenceCore.route` then
+`InferenceCore.infer`, so they share the routing (labels, traffic split, shadow), the batcher,
+queue bound, deadlines and metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 from serving.batching import BatchResult
 from serving.errors import InvalidInput, ShuttingDown
 from serving.metrics import ServingMetrics
-from serving.repository import ModelRepository, ServedVersion
+from serving.repository import ModelRepository, Routed, ServedVersion
+from serving.shadow import ShadowDispatcher
 
 DEFAULT_TOP_K = 5
 
@@ -31,6 +33,7 @@ class Classification:
 class InferenceOutcome:
     served: ServedVersion
     result: BatchResult
+    label: str = ""  # the version label that chose `served`, if one did
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -48,18 +51,31 @@ class InferenceOutcome:
 
 
 class InferenceCore:
-    def __init__(self, repository: ModelRepository, metrics: ServingMetrics):
-        self.repository, self.metrics = repository, metrics
+    def __init__(self, repository: ModelRepository, metrics: ServingMetrics, shadows: ShadowDispatcher | None = None):
+        self.repository, self.metrics, self.shadows = repository, metrics, shadows  # None: no shadow traffic
+        if shadows is not None:
+            repository.add_config_listener(shadows.configure)
 
-    async def infer(self, images: np.ndarray, model_name: str, model_version: int,
-                    deadline: float | None) -> InferenceOutcome:
-        """uint8 [k, 32, 32, 3] -> probabilities, through the version's dynamic batcher.
+    def route(self, model_name: str, model_version: int, version_label: str, request_id: str) -> Routed:
+        """The version that answers a request, by number, by label, or (neither) by the model's traffic
+        split, sticky per request id; with the shadow that gets a copy. Every API face's entry point."""
+        routed = self.repository.route(model_name, model_version, version_label, request_id)
+        served = routed.served
+        self.metrics.child(self.metrics.routed, served.name, str(served.version), routed.how).inc()
+        return routed
 
-        A version swapped out between routing and queueing (hot reload) refuses the submit;
-        the request is then routed again, so a reload never fails a request.
+    async def infer(self, images: np.ndarray, routed: Routed, deadline: float | None) -> InferenceOutcome:
+        """uint8 [k, 32, 32, 3] -> probabilities, through the routed version's dynamic batcher.
+
+        A version swapped out between routing and queueing (hot reload, relabel) refuses the
+        submit; the request is then routed again as it asked (same label, same request id), so a
+        reload never fails a request. Once answered, a sampled copy may go to the shadow.
         """
         for attempt in range(3):
-            served = self.repository.resolve(model_name, model_version)
+            if attempt:
+                request = routed.request
+                routed = self.repository.route(request.model, request.version, request.label, request.request_id)
+            served = routed.served
             batcher = served.batcher
             if batcher is None:
                 continue
@@ -75,7 +91,10 @@ class InferenceCore:
         version, phases = str(served.version), self.metrics.phase_latency
         self.metrics.child(phases, "queue_wait", served.name, version).observe(result.queue_wait_s)
         self.metrics.child(phases, "inference", served.name, version).observe(result.inference_s)
-        return InferenceOutcome(served, result)
+        if routed.shadow is not None and self.shadows is not None:
+            # On the loop's next turn, once this answer is on its way to its caller.
+            asyncio.get_running_loop().call_soon(self.shadows.offer, routed, images, result.probabilities)
+        return InferenceOutcome(served, result, routed.label)
 
     def observe_decode(self, seconds: float, served_name: str, version: int | str) -> None:
         self.metrics.child(self.metrics.phase_latency, "decode", served_name, str(version)).observe(seconds)
@@ -101,7 +120,6 @@ class InferenceCore:
             time.perf_counter() - started
         )
         return results
-
 
     def unsure(self, outcome: InferenceOutcome, threshold: float | None = None) -> list[bool]:
         """Per image, whether its score is above `threshold` (None: the model's, from its card);

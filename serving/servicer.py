@@ -15,7 +15,8 @@ from serving.calls import CallObserver, CallRecord
 from serving.errors import InvalidInput, ServingError
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from serving.repository import ModelRepository, ServedVersion, VersionState
+from serving.repository import ModelRepository, Routed, VersionState
+from serving.repository_config import RepositoryConfig
 from serving.service import Classification, InferenceCore, check_top_k
 from serving.trust import check_threshold
 from serving.status import rpc_status, status_of
@@ -46,6 +47,18 @@ def predictions_pb(classes: list[Classification]) -> list[pb.Prediction]:
     return [pb.Prediction(label=c.label, class_index=c.class_index, probability=c.probability) for c in classes]
 
 
+def rollout_pb(name: str, config: RepositoryConfig) -> pb.ModelRollout:
+    rollout = config.rollout_for(name)
+    policy = config.models[name].policy if name in config.models else None
+    message = pb.ModelRollout(model_name=name, version_policy=str(policy) if policy else "", labels=rollout.labels)
+    for share in rollout.traffic:
+        message.traffic.add(version=share.version, label=share.label, percent=share.percent)
+    if rollout.shadow is not None:
+        shadow = rollout.shadow
+        message.shadow.CopyFrom(pb.ShadowTraffic(version=shadow.version, label=shadow.label, percent=shadow.percent))
+    return message
+
+
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, core: InferenceCore, repository: ModelRepository, calls: CallObserver,
                  max_images_per_request: int, max_image_pixels: int, reload):
@@ -59,25 +72,27 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             return await asyncio.get_running_loop().run_in_executor(None, image_to_array, image, self.max_pixels)
         return image_to_array(image, self.max_pixels)
 
-    def _route(self, call: CallRecord, model_name: str, model_version: int) -> ServedVersion:
-        served = self.repository.resolve(model_name, model_version)
-        call.model, call.version = served.name, served.version
-        return served
+    def _route(self, call: CallRecord, model_name: str, model_version: int, version_label: str) -> Routed:
+        """The version that answers this call (by number, label, or the traffic split on its request id)."""
+        routed = self.core.route(model_name, model_version, version_label, call.request_id)
+        call.model, call.version = routed.served.name, routed.served.version
+        return routed
 
     async def _classify(self, request: pb.ClassifyRequest, call: CallRecord) -> pb.ClassifyResponse:
-        served = self._route(call, request.model_name, request.model_version)
+        routed = self._route(call, request.model_name, request.model_version, request.version_label)
+        served = routed.served
         top_k = check_top_k(request.top_k if request.HasField("top_k") else None, served.model.num_classes)
         threshold = check_threshold(request.unsure_threshold if request.HasField("unsure_threshold") else None)
         started = time.perf_counter()
         pixels = await self._decode(request.image)
         self.core.observe_decode(time.perf_counter() - started, served.name, served.version)
         call.images = 1
-        outcome = await self.core.infer(pixels[None], served.name, served.version, call.deadline)
+        outcome = await self.core.infer(pixels[None], routed, call.deadline)
         (classes,) = self.core.top_k(outcome, top_k)
         (unsure,) = self.core.unsure(outcome, threshold)
         return pb.ClassifyResponse(
             predictions=predictions_pb(classes), model_name=outcome.served.name,
-            model_version=outcome.served.version, request_id=call.request_id,
+            model_version=outcome.served.version, request_id=call.request_id, version_label=outcome.label,
             unsure=unsure, unsure_score=float(outcome.unsure_scores[0]),
         )
 
@@ -98,7 +113,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 f"{count} images in one request, over the limit of {self.max_images} (--max-images-per-request)",
                 reason="batch_too_large",
             )
-        served = self._route(call, request.model_name, request.model_version)
+        routed = self._route(call, request.model_name, request.model_version, request.version_label)
+        served = routed.served
         top_k = check_top_k(request.top_k if request.HasField("top_k") else None, served.model.num_classes)
         threshold = check_threshold(request.unsure_threshold if request.HasField("unsure_threshold") else None)
         results = [pb.ImageResult() for _ in range(count)]
@@ -114,16 +130,17 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 self.calls.count_rejection(reason, PROTOCOL, code)
         self.core.observe_decode(time.perf_counter() - started, served.name, served.version)
         call.images = len(arrays)
-        model_name, model_version = served.name, served.version
+        model_name, model_version, label = served.name, served.version, routed.label
         if arrays:
-            outcome = await self.core.infer(np.stack(arrays), served.name, served.version, call.deadline)
+            outcome = await self.core.infer(np.stack(arrays), routed, call.deadline)
             flags, scores = self.core.unsure(outcome, threshold), outcome.unsure_scores.tolist()
             for slot, classes, unsure, score in zip(good_slots, self.core.top_k(outcome, top_k), flags, scores):
                 results[slot].predictions.extend(predictions_pb(classes))
                 results[slot].unsure, results[slot].unsure_score = unsure, score
-            model_name, model_version = outcome.served.name, outcome.served.version
+            model_name, model_version, label = outcome.served.name, outcome.served.version, outcome.label
         return pb.ClassifyBatchResponse(
-            results=results, model_name=model_name, model_version=model_version, request_id=call.request_id
+            results=results, model_name=model_name, model_version=model_version, request_id=call.request_id,
+            version_label=label,
         )
 
     async def ClassifyStream(self, request_iterator, context) -> AsyncIterator[pb.ClassifyStreamResponse]:
@@ -151,8 +168,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         return await self.calls.unary(call, context, lambda: self._metadata(request, call))
 
     async def _metadata(self, request: pb.GetModelMetadataRequest, call: CallRecord) -> pb.ModelMetadata:
-        served = self._route(call, request.model_name, request.model_version)
+        served = self.repository.resolve(request.model_name, request.model_version)
+        call.model, call.version = served.name, served.version
         model = served.model
+        config = self.repository.config
         card = model.card
         return pb.ModelMetadata(
             name=served.name, version=served.version, state=served.state.value,
@@ -165,20 +184,28 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             model_card_json=json.dumps(card.raw, sort_keys=True),
             max_batch_size=served.batcher.max_batch_size if served.batcher else 0,
             is_default=served.name == self.repository.default_model,
+            version_labels=config.rollout_for(served.name).labels_of(served.version),
+            rollout=rollout_pb(served.name, config),
             unsure_score=served.trust.unsure.score, unsure_threshold=served.trust.unsure.threshold,
             calibration=served.trust.calibration.method,
         )
 
     def _list(self) -> pb.ListModelsResponse:
-        response = pb.ListModelsResponse(default_model=self.repository.default_model)
+        config = self.repository.config
+        response = pb.ListModelsResponse(default_model=self.repository.default_model,
+                                         config_error=self.repository.config_error)
         for served in self.repository.statuses():
             model = served.model
+            rollout = config.rollout_for(served.name)
             response.models.append(pb.ModelVersionStatus(
                 name=served.name, version=served.version, state=served.state.value, error=served.error,
                 execution_providers=model.providers if model else [],
                 is_default_model=served.name == self.repository.default_model,
                 test_accuracy=model.card.test_accuracy if model else 0.0,
+                version_labels=rollout.labels_of(served.version),
+                traffic_percent=rollout.traffic_percent(served.version),
             ))
+        response.rollouts.extend(rollout_pb(name, config) for name in config.rollouts())
         return response
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
@@ -194,6 +221,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
         async def handler():
             await self._reload()
+            self.repository.check_config_in_force()
             return self._list()
 
         return await self.calls.unary(call, context, handler)

@@ -10,8 +10,8 @@ import grpc
 from google.rpc import status_pb2
 
 from serving.errors import (
-    DeadlineExpired, InferenceFailed, InvalidInput, ModelNotFound, ModelNotReady, NotSupported, Overloaded,
-    ServingError, ShuttingDown,
+    ConfigRejected, DeadlineExpired, InferenceFailed, InvalidInput, ModelNotFound, ModelNotReady, NotSupported,
+    Overloaded, ServingError, ShuttingDown,
 )
 
 _CODES: dict[type[ServingError], grpc.StatusCode] = {
@@ -23,6 +23,7 @@ _CODES: dict[type[ServingError], grpc.StatusCode] = {
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     InferenceFailed: grpc.StatusCode.INTERNAL,
     NotSupported: grpc.StatusCode.UNIMPLEMENTED,
+    ConfigRejected: grpc.StatusCode.FAILED_PRECONDITION,
 }
 RETRY_AFTER_KEY = "retry-after-ms"
 

@@ -1,6 +1,7 @@
 """The shipped Prometheus config, alert rules and Grafana dashboard against a real Prometheus.
 
-One server (the shipped model plus a deliberately broken one) is scraped every second by a real
+One server (the shipped model, a second version of it with a rollout config that splits traffic
+and shadows, plus a deliberately broken model) is scraped every second by a real
 Prometheus (Debian's `prometheus`) loaded with docker/prometheus/prometheus.yml and alerts.yml;
 known traffic, including client and server errors, is driven through it; then every PromQL
 expression of the dashboard and of the alert rules is run through Prometheus's HTTP API.
@@ -183,21 +184,29 @@ class PrometheusProcess(LoggedProcess):
 
 
 def repository_with_broken_model(root: Path) -> Path:
-    """The shipped models plus a model whose only version cannot load (garbage ONNX)."""
+    """The shipped models plus a model whose only version cannot load (garbage ONNX), and a rollout:
+    the default model's v1 and a copy as v2, labelled stable and canary, unnamed requests split
+    50/50, every answer of v1 shadowed by v2 (docs/rollouts.md)."""
     repo = root / "models"
     shutil.copytree(SHIPPED_MODELS, repo)
     broken = repo / BROKEN_MODEL / "1"
     broken.mkdir(parents=True)
     (broken / "model.onnx").write_bytes(b"this is not an onnx model")
     shutil.copy(next((SHIPPED_MODELS / DEFAULT_MODEL).glob("*/model_card.json")), broken / "model_card.json")
+    shutil.copytree(repo / DEFAULT_MODEL / "1", repo / DEFAULT_MODEL / "2")
+    rollout = {"labels": {"stable": 1, "canary": 2}, "traffic": {"stable": 50, "canary": 50},
+               "shadow": {"version": "canary", "percent": 100}}
+    (repo / "repository.json").write_text(json.dumps({"models": {DEFAULT_MODEL: rollout}}))
     return repo
 
 
 def drive_known_traffic(server: ServerProcess, images) -> None:
-    """OK calls on every API, plus client errors (bad image, unknown model) and a server-side
-    UNAVAILABLE (the broken model)."""
+    """OK calls on every API and both versions, plus client errors (bad image, unknown model) and a
+    server-side UNAVAILABLE (the broken model)."""
     for pixels in images[:6]:
         server.stub.Classify(pb.ClassifyRequest(image=raw_image(pixels)), timeout=10)
+    for label in ("stable", "canary"):
+        server.stub.Classify(pb.ClassifyRequest(image=raw_image(images[0]), version_label=label), timeout=10)
     server.stub.ClassifyBatch(pb.ClassifyBatchRequest(images=[raw_image(p) for p in images[6:14]]), timeout=10)
     list(server.stub.ClassifyStream(iter([pb.ClassifyRequest(image=raw_image(p)) for p in images[14:18]]), timeout=10))
     failing = [
@@ -258,6 +267,7 @@ def test_every_required_alert_is_defined():
         "ClassifierHighErrorRatio", "ClassifierHighLatencyP99", "ClassifierNotServing",
         "ClassifierRunningOnCpuWhenGpuRequired", "ClassifierModelLoadFailures", "ClassifierQueueSaturated",
         "ClassifierInputDrift",
+        "ClassifierShadowDisagreement", "ClassifierRepositoryConfigRejected",
     }
 
 
@@ -320,7 +330,7 @@ def test_server_errors_show_in_the_error_ratio(prometheus):
     (rule,) = [r for r in alert_rules() if r["alert"] == "ClassifierHighErrorRatio"]
     ((ratio_expr, _),) = inner_expressions(rule["expr"])
     (sample,) = prometheus.query(ratio_expr)["data"]["result"]
-    # 2 UNAVAILABLE among 2 * (6 + 1 + 1 stream + 4 stream messages + 3 failing) RPCs, give or take
+    # 2 UNAVAILABLE among 2 * (6 + 2 labelled + 1 + 1 stream + 4 stream messages + 3 failing) RPCs, give or take
     # how the stream is counted: above 0 (the server errors count), below 1 (client errors do not).
     assert 0 < float(sample["value"][1]) < 0.25
 

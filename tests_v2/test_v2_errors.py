@@ -100,8 +100,14 @@ def test_unknown_version_is_not_found(server, metadata, pixels):
     expect_error("NOT_FOUND", infer_call(server, metadata, pixels, model_version="7"), "no version 7")
 
 
-def test_non_numeric_version_is_invalid_argument(server, metadata, pixels):
-    expect_error("INVALID_ARGUMENT", infer_call(server, metadata, pixels, model_version="latest"), "'latest'")
+def test_a_version_that_is_neither_a_number_nor_a_label_is_invalid_argument(server, metadata, pixels):
+    expect_error("INVALID_ARGUMENT", infer_call(server, metadata, pixels, model_version="1.5"), "'1.5'",
+                 "neither a version number nor a version label")
+
+
+def test_an_unknown_version_label_is_not_found(server, metadata, pixels):
+    expect_error("NOT_FOUND", infer_call(server, metadata, pixels, model_version="latest"),
+                 "no version label 'latest'")
 
 
 def test_metadata_of_an_unknown_model_is_not_found(server):

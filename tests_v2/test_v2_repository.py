@@ -1,7 +1,8 @@
-"""The model repository extension and readiness while a model cannot serve."""
+"""The model repository extension, version labels in model_version, and readiness while a model cannot serve."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -76,3 +77,30 @@ def test_load_with_config_parameters_is_unimplemented(server):
 def test_unload_is_unimplemented_and_says_how_to_unload(server):
     expect_error("UNIMPLEMENTED", lambda: server.client.unload_model(MODEL), "file-based", "RepositoryModelLoad")
     assert server.client.is_model_ready(MODEL)
+
+
+def write_rollout(repo, rollout: dict) -> None:
+    (repo / "repository.json").write_text(json.dumps({"models": {MODEL: rollout}}))
+
+
+def test_a_version_label_in_model_version_picks_the_labelled_version(start_server, model_repo):
+    shutil.copytree(model_repo / MODEL / "1", model_repo / MODEL / "2")
+    write_rollout(model_repo, {"labels": {"stable": 1, "canary": 2}, "traffic": {"stable": 100}})
+    proc = start_server(repository=model_repo)
+    tensor = image_input("images", np.zeros((1, 32, 32, 3), np.uint8), "UINT8")
+    assert proc.client.infer(MODEL, [tensor], model_version="canary").get_response().model_version == "2"
+    assert proc.client.infer(MODEL, [tensor]).get_response().model_version == "1"  # the traffic policy
+    assert proc.client.is_model_ready(MODEL, model_version="stable")
+    expect_error("NOT_FOUND", lambda: proc.client.infer(MODEL, [tensor], model_version="beta"),
+                 "no version label 'beta'")
+
+
+def test_load_after_a_bad_rollout_config_is_failed_precondition_and_the_old_labels_stay(start_server, model_repo):
+    shutil.copytree(model_repo / MODEL / "1", model_repo / MODEL / "2")
+    write_rollout(model_repo, {"labels": {"stable": 1, "canary": 2}})
+    proc = start_server(repository=model_repo)
+    write_rollout(model_repo, {"labels": {"stable": 1, "canary": 2}, "traffic": {"stable": 60, "canary": 30}})
+    expect_error("FAILED_PRECONDITION", lambda: proc.client.load_model(MODEL), "sum to 90, not 100",
+                 "the last good config stays in force")
+    tensor = image_input("images", np.zeros((1, 32, 32, 3), np.uint8), "UINT8")
+    assert proc.client.infer(MODEL, [tensor], model_version="canary").get_response().model_version == "2"

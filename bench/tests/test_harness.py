@@ -17,7 +17,7 @@ from bench import limit, report, v2proto
 from bench.endpoints import (Endpoint, cifar_test_images, native_batch_endpoint, native_endpoint,
                              native_stream_endpoint, v2_endpoint)
 from bench.loadgen import closed_loop, open_loop, stream_depths
-from bench.run import FP32_MODEL, bench_repository, interleaved, newest_version, paired_order
+from bench.run import FP32_MODEL, Bench, bench_repository, interleaved, newest_version, paired_order, parse_args
 from bench.servers import MLSERVER_VENV, BatchSizes, MLServerPeer, OurServer, REPO_ROOT
 
 IMAGES = 64
@@ -333,3 +333,36 @@ def test_mlserver_peer_serves_the_same_model_through_v2(tmp_path, images):
         assert not math.isnan(result.accuracy)
     finally:
         peer.stop()
+
+
+def test_the_shadow_row_shadows_one_side_of_each_pair_only(tmp_path):
+    bench = Bench(parse_args(["--mode", "quick", "--out", str(tmp_path), "--images", str(IMAGES), "--threads", "1",
+                              "--no-progress"]))
+    bench.work.mkdir(parents=True)
+    bench.shadow()
+    cost = bench.results["shadow_cost"]
+    (pair,) = cost["pairs"]  # quick mode: one round
+    assert (cost["percent"], pair["concurrency"], cost["candidate"]) == (10.0, 16, cost["stable"] + 1)
+    offered = pair["shadow"]["shadow_images"]
+    assert sum(offered.values()) > 0  # copies were made (compared, or dropped under this load)
+    assert sum(pair["none"]["shadow_images"].values()) == 0
+    assert pair["shadow"]["errors"] == pair["none"]["errors"] == {}
+
+
+def shadow_pair(shadowed_p50: float, plain_p50: float, compared: float = 40, dropped: float = 10) -> dict:
+    side = {"throughput": 500.0, "p99_ms": 90.0, "errors": {}}
+    return {"concurrency": 16, "round": 0, "shadow_first": True,
+            "shadow": {**side, "p50_ms": shadowed_p50, "shadow_images": {"compared": compared, "dropped_load": dropped}},
+            "none": {**side, "p50_ms": plain_p50, "shadow_images": {"compared": 0}}}
+
+
+def test_the_shadow_target_is_the_median_of_the_paired_p50_ratios():
+    results = {"shadow_cost": {"rounds": 3, "seconds": 5.0, "percent": 10.0, "stable": 1, "candidate": 2, "pairs": [
+        shadow_pair(21.0, 20.0), shadow_pair(23.0, 20.0), shadow_pair(20.6, 20.0)]}}  # 1.05, 1.15, 1.03
+    (target,) = report.targets(results)
+    assert target["met"] and target["measured"].startswith("median of 3 paired rounds 1.050x (1.050, 1.150, 1.030)")
+    assert target["detail"] == "120 copies compared, 30 dropped on the shadowed sides"
+    results["shadow_cost"]["pairs"][0] = shadow_pair(22.0, 20.0)  # 1.10, 1.15, 1.03 -> median 1.10
+    assert not report.targets(results)[0]["met"]
+    assert "| 16 | 0 | shadowed | 22.00 | 20.00 | 1.100 | 500.0 | 500.0 | 40 | load 10 | 0 |" in \
+        report.shadow_table(results)

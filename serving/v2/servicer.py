@@ -3,7 +3,9 @@ domain objects, over the same InferenceCore, batcher, queue bound, deadlines, me
 (protocol="v2"), access log and error mapping as the native Classifier API.
 
 Mapping choices (README "Open Inference Protocol"):
-- model_version "" (or "0") is the newest available version; model_name "" the default model.
+- model_version "" (or "0"): the model's traffic split (sticky per request id), else the newest
+  available version; a number: that version; anything else: a version label ("stable").
+  model_name "": the default model.
 - Outputs come back as raw_output_contents when the request used raw_input_contents, else as
   typed contents.
 - Outputs: `probabilities` (FP32 [N, classes], calibrated: the native API's probabilities),
@@ -14,8 +16,10 @@ Mapping choices (README "Open Inference Protocol"):
   back as BYTES [N, k] "score:index:label", best first; k above the class count is clamped (as
   Triton does), k < 1 is refused.
 - RepositoryModelLoad rescans the repository (as ReloadModels / SIGHUP do), then answers OK if
-  the model has an available version. RepositoryModelUnload is UNIMPLEMENTED: the repository
-  is file-based, so a version is unloaded by removing it from disk (or by the version policy).
+  the model has an available version (FAILED_PRECONDITION if the repository config file was
+  rejected: the last good one stays in force). RepositoryModelUnload is UNIMPLEMENTED: the
+  repository is file-based, so a version is unloaded by removing it from disk (or by the version
+  policy).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 import numpy as np
@@ -34,7 +38,8 @@ from serving.calls import CallObserver, CallRecord
 from serving.errors import InvalidInput, ModelNotFound, ModelNotReady, NotSupported, ServingError
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc as pb_grpc
-from serving.repository import ModelRepository, ServedVersion, VersionState, validate_model_name
+from serving.repository import ModelRepository, Routed, ServedVersion, VersionState, validate_model_name
+from serving.repository_config import LABEL_PATTERN
 from serving.runtime import OnnxModel
 from serving.service import InferenceCore
 from serving.status import status_of
@@ -43,6 +48,7 @@ from serving.v2 import tensors
 from serving.wire import CorruptMessage, parsed, register
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROTOCOL = "v2"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -64,16 +70,20 @@ STATE_NAMES = {
 CONVERT_INLINE_MAX_BYTES = 64 * 1024
 
 
-def parse_version(text: str) -> int:
-    """"" -> 0 (the newest available version); otherwise a positive integer."""
+def parse_version(text: str) -> tuple[int, str]:
+    """model_version -> (version, label): "" -> (0, ""), digits -> (number, ""), a label -> (0, label)."""
     if not text:
-        return 0
+        return 0, ""
     try:
-        return int(text)
+        return int(text), ""
     except ValueError:
-        raise InvalidInput(
-            f"model version {text[:40]!r} is not an integer (leave it empty for the newest)", reason="bad_version"
-        ) from None
+        pass
+    if LABEL_PATTERN.match(text):
+        return 0, text
+    raise InvalidInput(
+        f"model version {text[:40]!r} is neither a version number nor a version label (a letter, then letters, "
+        "digits, '_', '-', '.'); leave it empty for the model's default routing", reason="bad_version"
+    )
 
 
 def server_version() -> str:
@@ -115,15 +125,26 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- routing -------------------------------------------------------------------------
     def _resolve(self, call: CallRecord, name: str, version_text: str) -> ServedVersion:
-        version = parse_version(version_text)
+        """The version a metadata/readiness call describes (no split, no shadow)."""
+        version, label = parse_version(version_text)
+        served = self._while_starting(lambda: self.repository.resolve(name, version, label))
+        call.model, call.version = served.name, served.version
+        return served
+
+    def _route(self, call: CallRecord, name: str, version_text: str) -> Routed:
+        """The version that answers an inference call (by number, label, or the split on its id)."""
+        version, label = parse_version(version_text)
+        routed = self._while_starting(lambda: self.core.route(name, version, label, call.request_id))
+        call.model, call.version = routed.served.name, routed.served.version
+        return routed
+
+    def _while_starting(self, find: Callable[[], T]) -> T:
         try:
-            served = self.repository.resolve(name, version)
+            return find()
         except ModelNotFound:
             if not self.repository.statuses():  # the first scan has not finished
                 raise ModelNotReady("the server is starting: no model is loaded yet; retry") from None
             raise
-        call.model, call.version = served.name, served.version
-        return served
 
     @staticmethod
     def _model_of(served: ServedVersion) -> OnnxModel:
@@ -185,7 +206,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._unary("ModelInfer", context, lambda call: self._infer(request, call), request.id)
 
     async def _infer(self, request: pb.ModelInferRequest, call: CallRecord) -> pb.ModelInferResponse:
-        served = self._resolve(call, request.model_name, request.model_version)
+        routed = self._route(call, request.model_name, request.model_version)
+        served = routed.served
         model = self._model_of(served)
         tensor = self._input_tensor(request, model)
         outputs = self._requested_outputs(request, model)
@@ -194,7 +216,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         pixels = await self._to_pixels(tensor)
         self.core.observe_decode(time.perf_counter() - started, served.name, served.version)
         call.images = len(pixels)
-        outcome = await self.core.infer(pixels, served.name, served.version, call.deadline)
+        outcome = await self.core.infer(pixels, routed, call.deadline)
         # top_k also counts the images by predicted class, so every answer is counted once.
         most = max((o.class_count or 1 for o in outputs), default=1)
         ranked = self.core.top_k(outcome, min(most, outcome.probabilities.shape[1]))
@@ -365,6 +387,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             validate_model_name(request.model_name)
             await self._reload()
+            self.repository.check_config_in_force()
             self._resolve(call, request.model_name, "")
             return pb.RepositoryModelLoadResponse()
 
