@@ -46,6 +46,11 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096  # decompression-bomb guard: checked before decoding
     max_message_bytes: int = 16 * 1024 * 1024
     max_concurrent_streams: int = 1000  # 100 refused streams (RST_STREAM 7) with 64 clients on one channel
+    # Explain (docs/explain.md): its own sessions, workers and queue, so it never holds up Classify
+    explain: bool = True
+    max_concurrent_explanations: int = 1
+    max_queued_explanations: int = 8
+    explain_intra_op_threads: int = 1  # one core per explanation: on 2 cores, Classify keeps the other
     # uvloop: +6% images/s at 16 clients against asyncio's own loop, the same at 1 (bench/NOTES.md)
     event_loop: str = "uvloop"
     # Security: TLS and bearer-token auth are off unless configured ("" = off)
@@ -88,6 +93,10 @@ _HELP = {
     "max_image_pixels": "largest width*height accepted, checked from the header before decoding",
     "max_message_bytes": "largest gRPC message received or sent (bytes)",
     "max_concurrent_streams": "HTTP/2 concurrent streams per connection",
+    "explain": "serve the Explain RPC (saliency heatmaps and feature maps); off: it answers UNIMPLEMENTED",
+    "max_concurrent_explanations": "explanations computed at once (each runs in its own worker thread)",
+    "max_queued_explanations": "explanations waiting for a worker before Explain answers RESOURCE_EXHAUSTED",
+    "explain_intra_op_threads": "onnxruntime intra-op threads of each explanation's sessions (0: one per core)",
     "event_loop": "event loop that runs gRPC and the handlers: uvloop, or asyncio's own",
     "tls_cert": "PEM certificate chain of the gRPC port; with --tls-key turns TLS on",
     "tls_key": "PEM private key of --tls-cert",
@@ -173,6 +182,12 @@ def validate(config: ServerConfig) -> list[str]:
         problems.append("--max-queue-size must be >= --max-batch-size")
     if config.max_images_per_request < 1:
         problems.append("--max-images-per-request must be >= 1")
+    if config.max_concurrent_explanations < 1:
+        problems.append("--max-concurrent-explanations must be >= 1")
+    if config.max_queued_explanations < 0:
+        problems.append("--max-queued-explanations must be >= 0")
+    if config.explain_intra_op_threads < 0:
+        problems.append("--explain-intra-op-threads must be >= 0")
     if config.max_batch_delay_ms < 0:
         problems.append("--max-batch-delay-ms must be >= 0")
     if bool(config.tls_cert) != bool(config.tls_key):

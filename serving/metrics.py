@@ -27,7 +27,8 @@ class ServingMetrics:
             ["method", "code", "protocol"], buckets=LATENCY_BUCKETS, namespace=NAMESPACE, registry=registry,
         )
         self.phase_latency = Histogram(
-            "phase_duration_seconds", "Time per request phase: decode, queue_wait, inference, postprocess",
+            "phase_duration_seconds",
+            "Time per request phase: decode, queue_wait, inference, postprocess; explain_wait, explain (Explain only)",
             ["phase", "model", "version"], buckets=LATENCY_BUCKETS, namespace=NAMESPACE, registry=registry,
         )
         self.batch_size = Histogram(
@@ -81,6 +82,10 @@ class ServingMetrics:
         )
         self.serving = Gauge(
             "serving", "1 while health is SERVING", namespace=NAMESPACE, registry=registry,
+        )
+        self.explain_queue_depth = Gauge(
+            "explain_queue_depth", "Explain requests waiting for an explanation worker (--max-queued-explanations)",
+            namespace=NAMESPACE, registry=registry,
         )
         self._children: dict[tuple, object] = {}
 

@@ -31,6 +31,7 @@ import keras  # noqa: E402
 from training import data as cifar  # noqa: E402
 from training.card import set_metadata  # noqa: E402
 from training.evaluate import accuracy_report, predict, top1_accuracy, write_report  # noqa: E402
+from training.explain_graph import export_explain_graph, replace_erfc  # noqa: E402
 from training.models import INPUT_NAME, OUTPUT_NAME, PREPROCESSING, count_macs, with_test_time_averaging  # noqa: E402
 from training.train import BEST, STATE  # noqa: E402
 
@@ -55,6 +56,7 @@ def to_onnx(model: keras.Model):
 
     spec = (tf.TensorSpec((None, 32, 32, 3), tf.uint8, name=INPUT_NAME),)
     onnx_model, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
+    replace_erfc(onnx_model)  # Keras's exact GELU comes out as Erfc, which onnxruntime lacks
     graph = onnx_model.graph
     old_output = graph.output[0].name
     if old_output != OUTPUT_NAME:  # give the output a stable name
@@ -206,6 +208,8 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
             "exported_with": versions(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+        # explain.onnx beside model.onnx for a whitened net served as trained (docs/explain.md)
+        card["explain"] = "none" if averaging.active else export_explain_graph(trained, onnx_model, staging, test.images[:64], OPSET)
         set_metadata(onnx_model, card)
         model_bytes = onnx_model.SerializeToString()
         (staging / "model.onnx").write_bytes(model_bytes)
