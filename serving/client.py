@@ -1,6 +1,7 @@
 """Classify image files or directories with a running server.
 
     python -m serving.client IMAGE_OR_DIR [...] [--target localhost:50051] [--model NAME] [--top-k 3]
+    python -m serving.client explain IMAGE --output OVERLAY.png   (serving/explain_cli.py)
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def token_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["explain"]:  # a subcommand; anything else is a path to classify (./explain for a file)
+        from serving import explain_cli
+
+        return explain_cli.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="image files or directories")
     parser.add_argument("--target", default="localhost:50051")
