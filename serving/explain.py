@@ -63,6 +63,8 @@ class Layer:
     default: bool
     tensor: str  # the graph output that holds it (in explain.onnx, or model.onnx made to output it)
     description: str = ""
+    # [C, H, W] in the graph (ONNX convolutions); None: whichever order the output's shape shows
+    channels_first: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -183,14 +185,14 @@ def grad_cam(activations: np.ndarray, gradient: np.ndarray, geometry: CamGeometr
     return normalised(upsample_cells(cam, geometry.stride, geometry.offset))
 
 
-def to_hwc(values: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """One image's feature maps as [H, W, C] (tf2onnx lays convolutions out channels first)."""
-    if values.shape == shape:
+def to_hwc(values: np.ndarray, layer: Layer) -> np.ndarray:
+    """One image's feature maps as [H, W, C] (ONNX convolutions lay them out channels first)."""
+    height, width, channels = layer.shape
+    if values.shape == layer.shape and not layer.channels_first:
         return np.ascontiguousarray(values, dtype=np.float32)
-    height, width, channels = shape
-    if values.shape == (channels, height, width):
+    if values.shape == (channels, height, width) and layer.channels_first is not False:
         return np.ascontiguousarray(values.transpose(1, 2, 0), dtype=np.float32)
-    raise InferenceFailed(f"a feature map has shape {list(values.shape)}, expected {list(shape)} or channels first")
+    raise InferenceFailed(f"layer {layer.name}: a feature map has shape {list(values.shape)}, expected {list(layer.shape)}")
 
 
 # ---- what a version's graphs offer ------------------------------------------------------------
@@ -222,8 +224,10 @@ def declared_layers(section: dict, produced: set[str]) -> list[Layer]:
         if found is None:
             log.warning("layer %r: tensor %r is not in the graph; not offered", entry.get("name"), tensor)
             continue
+        # A renamed tensor may have been moved across a transpose too: its layout is then read from its shape.
+        layout = entry.get("model_tensor_layout") if found in (tensor, tensor + DEQUANTIZED) else None
         layers.append(Layer(str(entry["name"]), tuple(int(d) for d in entry["shape"]), bool(entry.get("default")),
-                            found, f"ONNX tensor {found}"))
+                            found, f"ONNX tensor {found}", channels_first=None if layout is None else layout == "NCHW"))
     return layers
 
 
@@ -250,7 +254,8 @@ def discovered_relus(model, produced: set[str]) -> list[Layer]:
         channels, height, width = (int(d.dim_value) for d in dims[1:])  # ONNX convolutions are NCHW
         name = f"relu{len(layers) + 1}"
         fetched = tensor + DEQUANTIZED if tensor + DEQUANTIZED in produced else tensor
-        layers.append(Layer(name, (height, width, channels), False, fetched, f"ReLU output (ONNX tensor {fetched})"))
+        layers.append(Layer(name, (height, width, channels), False, fetched, f"ReLU output (ONNX tensor {fetched})",
+                            channels_first=True))
     return _with_defaults(layers)
 
 
@@ -327,7 +332,7 @@ class ModelExplainer:
         outputs = {output.name for output in proto.graph.output}
         inputs = {graph_input.name for graph_input in proto.graph.input}
         layers = [Layer(entry["name"], tuple(int(d) for d in entry["shape"]), bool(entry.get("default")), entry["name"],
-                        entry.get("description", "")) for entry in description["layers"]]
+                        entry.get("description", ""), channels_first=False) for entry in description["layers"]]
         cell = description["grad_cam_cell"]
         geometry = CamGeometry(description["grad_cam_layer"], float(cell["stride"]), float(cell["offset"]))
         missing = {self._model_output, GRADIENT_OUTPUT, geometry.layer, *(layer.tensor for layer in layers)} - outputs
@@ -427,7 +432,7 @@ class ModelExplainer:
                 passes += 1
         maps = []
         for layer in plan.layers:
-            values = to_hwc(fetched[layer.tensor], layer.shape)
+            values = to_hwc(fetched[layer.tensor], layer)
             maps.append(FeatureMap(layer, values, explain_render.feature_grid_png(values) if plan.images else b""))
         overlay = explain_render.overlay_png(pixels, heatmap) if plan.images else b""
         return Explanation(plan.method, target, heatmap, overlay, maps, passes)

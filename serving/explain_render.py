@@ -9,25 +9,30 @@ import numpy as np
 from PIL import Image
 
 OVERLAY_SCALE = 8  # 32x32 -> 256x256
-OVERLAY_OPACITY = 0.6  # of the heatmap's colour where the heat is 1 (the image shows through elsewhere)
+OVERLAY_OPACITY = 0.5  # of the heatmap's colour over the image, everywhere
 TILE_MIN_PIXELS = 32  # each feature map is enlarged (nearest) to at least this side
 TILE_GAP = 1
 GAP_COLOUR = (40, 40, 40)
 
-# An inferno-like colour map: dark (0) through purple and red to pale yellow (1).
-_ANCHORS = np.array([
-    (0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99),
-    (212, 72, 66), (245, 125, 21), (250, 193, 39), (252, 255, 164),
-], dtype=np.float64)
-COLOUR_MAP = np.stack([
-    np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_ANCHORS)), _ANCHORS[:, channel])
-    for channel in range(3)
-], axis=1).astype(np.uint8)  # [256, 3]
+
+def colour_map(anchors: list[tuple[int, int, int]]) -> np.ndarray:
+    """[256, 3] uint8: the anchor colours, evenly spaced from 0 to 1, linearly interpolated."""
+    points = np.array(anchors, dtype=np.float64)
+    steps = np.linspace(0, 1, len(points))
+    return np.stack([np.interp(np.linspace(0, 1, 256), steps, points[:, c]) for c in range(3)], axis=1).astype(np.uint8)
 
 
-def colourise(values: np.ndarray) -> np.ndarray:
+# Feature maps: inferno-like, dark (0) through purple and red to pale yellow (1).
+FEATURE_COLOURS = colour_map([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99),
+                              (212, 72, 66), (245, 125, 21), (250, 193, 39), (252, 255, 164)])
+# Heatmaps: turbo-like, the usual saliency convention: dark blue (0), cyan, yellow, dark red (1).
+HEAT_COLOURS = colour_map([(48, 18, 59), (70, 134, 251), (27, 229, 181), (164, 252, 60),
+                           (251, 185, 56), (228, 76, 13), (122, 4, 3)])
+
+
+def colourise(values: np.ndarray, colours: np.ndarray = FEATURE_COLOURS) -> np.ndarray:
     """float values in [0, 1], any shape -> uint8 RGB of that shape + (3,)."""
-    return COLOUR_MAP[np.clip(np.rint(values * 255), 0, 255).astype(np.intp)]
+    return colours[np.clip(np.rint(values * 255), 0, 255).astype(np.intp)]
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -38,13 +43,12 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 def overlay(pixels: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
     """The image (uint8 [32, 32, 3]) upscaled x8 (nearest: its real pixels), the heatmap
-    ([32, 32] in [0, 1]) upscaled x8 (bilinear), coloured and blended in where it is hot."""
+    ([32, 32] in [0, 1]) upscaled x8 (bilinear), coloured and blended over it."""
     size = (pixels.shape[1] * OVERLAY_SCALE, pixels.shape[0] * OVERLAY_SCALE)
     image = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.NEAREST), dtype=np.float64)
     heat = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
-    heat = np.clip(heat, 0.0, 1.0)
-    alpha = (OVERLAY_OPACITY * heat)[..., None]
-    return np.rint(image * (1 - alpha) + colourise(heat) * alpha).astype(np.uint8)
+    colours = colourise(np.clip(heat, 0.0, 1.0), HEAT_COLOURS)
+    return np.rint(image * (1 - OVERLAY_OPACITY) + colours * OVERLAY_OPACITY).astype(np.uint8)
 
 
 def overlay_png(pixels: np.ndarray, heatmap: np.ndarray) -> bytes:

@@ -178,8 +178,9 @@ def parity_check(keras_model: keras.Model, onnx_model, images: np.ndarray) -> di
     return result
 
 
-def model_tensors(trained: keras.Model, model_onnx, images: np.ndarray) -> dict[str, str]:
-    """{layer: the model.onnx tensor with the same values (NHWC, or NCHW as tf2onnx lays convs out)}."""
+def model_tensors(trained: keras.Model, model_onnx, images: np.ndarray) -> dict[str, tuple[str, str]]:
+    """{layer: (the model.onnx tensor with the same values, its layout: NHWC, or NCHW as tf2onnx
+    lays convolutions out)}."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model_onnx)
@@ -194,9 +195,9 @@ def model_tensors(trained: keras.Model, model_onnx, images: np.ndarray) -> dict[
     found = {}
     for name, want in zip(FEATURE_LAYERS, taps.predict(images, verbose=0)):
         for tensor, have in values.items():
-            for layout in (have, have.transpose(0, 2, 3, 1)):
-                if layout.shape == want.shape and np.abs(layout - want).max() < MATCH_TOLERANCE:
-                    found.setdefault(name, tensor)
+            for layout, nhwc in (("NHWC", have), ("NCHW", have.transpose(0, 2, 3, 1))):
+                if nhwc.shape == want.shape and np.abs(nhwc - want).max() < MATCH_TOLERANCE:
+                    found.setdefault(name, (tensor, layout))
     return found
 
 
@@ -227,5 +228,5 @@ def export_explain_graph(trained: keras.Model, model_onnx, directory: Path, imag
     (directory / EXPLAIN_FILE).write_bytes(model_bytes)
     for layer in description["layers"]:
         if layer["name"] in tensors:
-            layer["model_tensor"] = tensors[layer["name"]]
+            layer["model_tensor"], layer["model_tensor_layout"] = tensors[layer["name"]]
     return {"graph": EXPLAIN_FILE, "sha256": hashlib.sha256(model_bytes).hexdigest(), **description, "parity": parity}
