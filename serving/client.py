@@ -57,6 +57,16 @@ def add_connection_arguments(parser: argparse.ArgumentParser, environ: dict[str,
                             help=f"{help_text} (default ${env})" if env_prefix else help_text)
 
 
+def add_call_arguments(parser: argparse.ArgumentParser, timeout: float) -> None:
+    """Where to send a call and what it names: server, model, version, top-k, deadline, connection."""
+    parser.add_argument("--target", default="localhost:50051")
+    parser.add_argument("--model", default="", help="model name (default: the server's default model)")
+    parser.add_argument("--version", type=int, default=0, help="model version (0: newest)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=timeout, help="per-request deadline, seconds")
+    add_connection_arguments(parser)
+
+
 def token_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
@@ -69,12 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return explain_cli.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="image files or directories")
-    parser.add_argument("--target", default="localhost:50051")
-    parser.add_argument("--model", default="", help="model name (default: the server's default model)")
-    parser.add_argument("--version", type=int, default=0, help="model version (0: newest)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, seconds")
-    add_connection_arguments(parser)
+    add_call_arguments(parser, timeout=10.0)
     args = parser.parse_args(argv)
     files = image_files(args.paths)
     if not files:

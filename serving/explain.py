@@ -36,7 +36,7 @@ from serving import explain_render
 from serving.errors import DeadlineExpired, InferenceFailed, InvalidInput, ModelNotReady, NotSupported, Overloaded, ServingError
 from serving.metrics import ServingMetrics
 from serving.repository import ServedVersion
-from serving.runtime import MODEL_FILE, ModelLoadError, OnnxModel, RuntimeOptions, create_session
+from serving.runtime import MODEL_FILE, OnnxModel, RuntimeOptions, create_session
 from serving.service import InferenceCore, InferenceOutcome
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,6 @@ class ModelExplainer:
         import onnx
 
         self.name, self.version, self.num_classes = model.name, model.version, model.num_classes
-        self.class_names = model.class_names
         self._runtime = runtime
         self._model_output = model.output.name
         self._input = model.input.name
@@ -384,17 +383,18 @@ class ModelExplainer:
                 # No spin-waiting: an explanation is one large run, and spinning threads would
                 # take cycles from the sessions that serve Classify.
                 options = replace(self._runtime, intra_op_spinning=False)
-                self._plain = create_session(self._model_bytes, options)
+                plain = create_session(self._model_bytes, options)
                 features = self._explain_bytes or self._feature_bytes
                 self._features = create_session(features, options, EXPLAIN_FILE if self._explain_bytes else MODEL_FILE) \
                     if features else None
+                self._plain = plain
                 self._model_bytes = self._feature_bytes = self._explain_bytes = None
             return self._plain, self._features
 
     def explain(self, pixels: np.ndarray, plan: ExplainPlan, target: int) -> Explanation:
         try:
             return self._explain(pixels, plan, target)
-        except (ServingError, ModelLoadError):
+        except ServingError:
             raise
         except Exception as exc:  # noqa: BLE001 - details to the log, INTERNAL to the client
             log.exception("explanation failed in %s v%d", self.name, self.version)
@@ -475,9 +475,14 @@ class ExplanationService:
                     raise ModelNotReady(f"model {served.name} v{served.version} is no longer loaded; retry")
                 try:
                     found = ModelExplainer(served.model, self.runtime)
-                except ModelLoadError as exc:
-                    log.error("%s v%d cannot explain: %s", served.name, served.version, exc)
-                    raise InferenceFailed(f"model {served.name} v{served.version} cannot explain; see the server log") from None
+                except OSError as exc:  # its directory went away: a reload will follow
+                    raise ModelNotReady(f"model {served.name} v{served.version} files are unreadable: "
+                                        f"{exc.strerror or exc}; retry") from None
+                except ServingError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a graph the onnx package cannot read or infer
+                    log.exception("%s v%d cannot explain", served.name, served.version)
+                    raise InferenceFailed(f"model {served.name} v{served.version} cannot explain; see the server log") from exc
                 self._explainers[served] = found
                 log.info("%s v%d explains with %s; layers %s", served.name, served.version,
                          ", ".join(found.methods), ", ".join(layer.name for layer in found.layers) or "none")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from serving.client import add_connection_arguments, channel_to, token_metadata
+from serving.client import add_call_arguments, channel_to, token_metadata
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -35,12 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="feature maps of this layer (repeatable; default: the model's default layers)")
     parser.add_argument("--patch", type=int, default=0, help="occlusion patch side in pixels (default 8)")
     parser.add_argument("--stride", type=int, default=0, help="occlusion stride in pixels (default: half the patch)")
-    parser.add_argument("--target", default="localhost:50051")
-    parser.add_argument("--model", default="", help="model name (default: the server's default model)")
-    parser.add_argument("--version", type=int, default=0, help="model version (0: newest)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--timeout", type=float, default=30.0, help="deadline, seconds")
-    add_connection_arguments(parser)
+    add_call_arguments(parser, timeout=30.0)
     return parser.parse_args(argv)
 
 
