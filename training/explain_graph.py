@@ -160,15 +160,21 @@ def session_of(onnx_model):
 
 
 def parity_check(keras_model: keras.Model, onnx_model, images: np.ndarray) -> dict:
-    """onnxruntime against Keras on every output, for each image's top-1 and another class."""
+    """onnxruntime against Keras on every output, for each image's top-1 and another class.
+
+    The gradient is compared at onnxruntime's own activations: where two cells of a channel are
+    within rounding of each other, the two runtimes may pick different maxima, and the gradient
+    moves from one cell to the other (it is discontinuous there, not wrong)."""
     session = session_of(onnx_model)
     top1 = keras_model.predict([images, np.zeros(len(images), np.int32)], verbose=0)[0].argmax(axis=1)
     worst = 0.0
     for target in (top1, (top1 + 1) % 10):
         target = target.astype(np.int32)
-        expected = keras_model.predict([images, target], verbose=0)
-        got = session.run(output_names(), {INPUT_NAME: images, TARGET_NAME: target})
-        for name, want, have in zip(output_names(), expected, got):
+        got = dict(zip(output_names(), session.run(output_names(), {INPUT_NAME: images, TARGET_NAME: target})))
+        expected = dict(zip(output_names(), keras_model.predict([images, target], verbose=0)))
+        expected[GRADIENT_NAME] = ops.convert_to_numpy(keras_model.get_layer(GRADIENT_NAME)(got[CAM_LAYER], target))
+        for name in output_names():
+            want, have = expected[name], got[name]
             if want.shape != have.shape:
                 raise ExplainGraphError(f"{name}: onnxruntime gives {have.shape}, Keras {want.shape}")
             worst = max(worst, float(np.abs(want - have).max()))
