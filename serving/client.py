@@ -1,6 +1,7 @@
 """Classify image files or directories with a running server.
 
     python -m serving.client IMAGE_OR_DIR [...] [--target localhost:50051] [--model NAME] [--label stable] [--top-k 3]
+    python -m serving.client explain IMAGE --output OVERLAY.png   (serving/explain_cli.py)
 """
 
 from __future__ import annotations
@@ -56,21 +57,31 @@ def add_connection_arguments(parser: argparse.ArgumentParser, environ: dict[str,
                             help=f"{help_text} (default ${env})" if env_prefix else help_text)
 
 
-def token_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
-    return (("authorization", f"Bearer {token}"),) if token else None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", help="image files or directories")
+def add_call_arguments(parser: argparse.ArgumentParser, timeout: float) -> None:
+    """Where to send a call and what it names: server, model, version, top-k, deadline, connection."""
     parser.add_argument("--target", default="localhost:50051")
     parser.add_argument("--model", default="", help="model name (default: the server's default model)")
     parser.add_argument("--version", type=int, default=0,
                         help="model version (0: the model's traffic split if it has one, else the newest)")
     parser.add_argument("--label", default="", help="version label, e.g. stable (instead of --version)")
     parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, seconds")
+    parser.add_argument("--timeout", type=float, default=timeout, help="per-request deadline, seconds")
     add_connection_arguments(parser)
+
+
+def token_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["explain"]:  # a subcommand; anything else is a path to classify (./explain for a file)
+        from serving import explain_cli
+
+        return explain_cli.main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="image files or directories")
+    add_call_arguments(parser, timeout=10.0)
     args = parser.parse_args(argv)
     files = image_files(args.paths)
     if not files:

@@ -53,6 +53,11 @@ class ServerConfig:
     max_concurrent_streams: int = 1000  # 100 refused streams (RST_STREAM 7) with 64 clients on one channel
     # Trust: the images each version's drift scores look back over (serving/drift.py)
     drift_window: int = 512
+    # Explain (docs/explain.md): its own sessions, workers and queue, so it never holds up Classify
+    explain: bool = True
+    max_concurrent_explanations: int = 1
+    max_queued_explanations: int = 8
+    explain_intra_op_threads: int = 1  # one core per explanation: on 2 cores, Classify keeps the other
     # uvloop: +6% images/s at 16 clients against asyncio's own loop, the same at 1 (bench/NOTES.md)
     event_loop: str = "uvloop"
     # Security: TLS and bearer-token auth are off unless configured ("" = off)
@@ -102,6 +107,10 @@ _HELP = {
     "max_message_bytes": "largest gRPC message received or sent (bytes)",
     "max_concurrent_streams": "HTTP/2 concurrent streams per connection",
     "drift_window": "images per model version in the sliding window that the drift scores compare with the card's reference",
+    "explain": "serve the Explain RPC (saliency heatmaps and feature maps); off: it answers UNIMPLEMENTED",
+    "max_concurrent_explanations": "explanations computed at once (each runs in its own worker thread)",
+    "max_queued_explanations": "explanations waiting for a worker before Explain answers RESOURCE_EXHAUSTED",
+    "explain_intra_op_threads": "onnxruntime intra-op threads of each explanation's sessions (0: one per core)",
     "event_loop": "event loop that runs gRPC and the handlers: uvloop, or asyncio's own",
     "tls_cert": "PEM certificate chain of the gRPC port; with --tls-key turns TLS on",
     "tls_key": "PEM private key of --tls-cert",
@@ -195,6 +204,12 @@ def validate(config: ServerConfig) -> list[str]:
         problems.append("--shadow-drop-queue-images must be >= 0")
     if config.shadow_window_images < 1:
         problems.append("--shadow-window-images must be >= 1")
+    if config.max_concurrent_explanations < 1:
+        problems.append("--max-concurrent-explanations must be >= 1")
+    if config.max_queued_explanations < 0:
+        problems.append("--max-queued-explanations must be >= 0")
+    if config.explain_intra_op_threads < 0:
+        problems.append("--explain-intra-op-threads must be >= 0")
     if config.max_batch_delay_ms < 0:
         problems.append("--max-batch-delay-ms must be >= 0")
     if bool(config.tls_cert) != bool(config.tls_key):

@@ -40,8 +40,8 @@ class Overloaded(ServingError):
 
     reason = "queue_full"
 
-    def __init__(self, message: str, retry_after_ms: int = 50):
-        super().__init__(message)
+    def __init__(self, message: str, retry_after_ms: int = 50, reason: str | None = None):
+        super().__init__(message, reason)
         self.retry_after_ms = retry_after_ms
 
 

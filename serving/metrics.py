@@ -39,7 +39,8 @@ class ServingMetrics:
             ["method", "code", "protocol"], buckets=LATENCY_BUCKETS, namespace=NAMESPACE, registry=registry,
         )
         self.phase_latency = Histogram(
-            "phase_duration_seconds", "Time per request phase: decode, queue_wait, inference, postprocess",
+            "phase_duration_seconds",
+            "Time per request phase: decode, queue_wait, inference, postprocess; explain_wait, explain (Explain only)",
             ["phase", "model", "version"], buckets=LATENCY_BUCKETS, namespace=NAMESPACE, registry=registry,
         )
         self.batch_size = Histogram(
@@ -145,6 +146,10 @@ class ServingMetrics:
             "reached), load (the primary was busy: --shadow-drop-queue-images), stale (waited too long), "
             "unavailable, failed",
             ["model", "shadow", "reason"], namespace=NAMESPACE, registry=registry,
+        )
+        self.explain_queue_depth = Gauge(
+            "explain_queue_depth", "Explain requests waiting for an explanation worker (--max-queued-explanations)",
+            namespace=NAMESPACE, registry=registry,
         )
         self._children: dict[tuple, object] = {}
 

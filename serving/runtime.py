@@ -99,6 +99,20 @@ def choose_providers(flag: str) -> list[str]:
     return chosen or ["CPUExecutionProvider"]
 
 
+def create_session(model_bytes: bytes, options: RuntimeOptions, file_name: str = MODEL_FILE) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    so.graph_optimization_level = OPTIMIZATION[options.graph_optimization]
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.intra_op_spinning else "0")
+    try:
+        return ort.InferenceSession(model_bytes, sess_options=so, providers=choose_providers(options.providers))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types for bad files
+        raise ModelLoadError(f"onnxruntime cannot load {file_name}: {str(exc).splitlines()[0][:300]}") from None
+
+
 class OnnxModel:
     """A loaded, verified, warmed-up model version. `run` is thread-compatible, not reentrant."""
 
@@ -116,7 +130,7 @@ class OnnxModel:
                 f"{MODEL_FILE} sha256 {self.sha256[:12]}... does not match the model card's "
                 f"{self.card.sha256[:12]}... (corrupt or half-written file?)"
             )
-        self.session = self._create_session(model_bytes, options)
+        self.session = create_session(model_bytes, options)
         self.providers: list[str] = self.session.get_providers()
         if options.require_gpu and not GPU_PROVIDERS.intersection(self.providers):
             raise ModelLoadError(
@@ -127,19 +141,6 @@ class OnnxModel:
         meta = self.session.get_modelmeta()
         self.metadata: dict[str, str] = dict(meta.custom_metadata_map)
         self.class_names = self.card.class_names
-
-    def _create_session(self, model_bytes: bytes, options: RuntimeOptions) -> ort.InferenceSession:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.intra_op_threads
-        so.inter_op_num_threads = options.inter_op_threads
-        so.graph_optimization_level = OPTIMIZATION[options.graph_optimization]
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.intra_op_spinning else "0")
-        try:
-            return ort.InferenceSession(model_bytes, sess_options=so, providers=choose_providers(options.providers))
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types for bad files
-            raise ModelLoadError(f"onnxruntime cannot load {MODEL_FILE}: {str(exc).splitlines()[0][:300]}") from None
 
     def _check_signature(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

@@ -10,6 +10,7 @@ import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,6 +23,7 @@ from serving.auth import BearerTokenInterceptor, load_tokens
 from serving.calls import CallObserver
 from serving.config import ServerConfig
 from serving.errors import StartupError
+from serving.explain import ExplanationService
 from serving.event_loop import running_loop_name
 from serving.metrics import ServingMetrics, serve_metrics
 from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc
@@ -54,10 +56,10 @@ class ClassifierServer:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = ServingMetrics(self.registry)
         self.metrics.gpu_required.set(1 if config.require_gpu else 0)
+        runtime = RuntimeOptions(config.providers, config.require_gpu, config.intra_op_threads,
+                                 config.inter_op_threads, config.graph_optimization, config.intra_op_spinning)
         self.repository = ModelRepository(
-            config.model_repository,
-            RuntimeOptions(config.providers, config.require_gpu, config.intra_op_threads,
-                           config.inter_op_threads, config.graph_optimization, config.intra_op_spinning),
+            config.model_repository, runtime,
             BatchingOptions(config.max_batch_size, config.max_batch_delay_ms / 1000.0, config.max_queue_size),
             self.metrics, config.default_model, config.version_policy,
             Path(config.repository_config) if config.repository_config else None, config.drift_window,
@@ -65,6 +67,10 @@ class ClassifierServer:
         shadows = ShadowDispatcher(self.metrics, config.shadow_max_inflight_images, config.shadow_drop_queue_images,
                                    config.shadow_window_images)
         self.core = InferenceCore(self.repository, self.metrics, shadows)
+        self.explanations = ExplanationService(
+            self.core, self.metrics, replace(runtime, intra_op_threads=config.explain_intra_op_threads),
+            config.explain, config.max_concurrent_explanations, config.max_queued_explanations,
+        )
         self.calls = CallObserver(self.metrics, config.access_log)
         self.health = HealthServicer()
         self.health_services = ["", SERVICE_NAME]
@@ -88,7 +94,7 @@ class ClassifierServer:
         """Register every API face; returns the full service names for reflection and health."""
         classifier = ClassifierServicer(
             self.core, self.repository, self.calls, self.config.max_images_per_request,
-            self.config.max_image_pixels, self.reload,
+            self.config.max_image_pixels, self.reload, self.explanations,
         )
         wire.register(classifier_pb2_grpc.add_ClassifierServicer_to_server, classifier, server, self.calls,
                       NATIVE_PROTOCOL)
@@ -185,6 +191,7 @@ class ClassifierServer:
             task.cancel()
         if self._server is not None:
             await self._server.stop(grace)  # stops accepting, waits for in-flight calls
+        await asyncio.get_running_loop().run_in_executor(None, self.explanations.close)
         await asyncio.get_running_loop().run_in_executor(None, self.repository.close)
         self._scan_executor.shutdown(wait=False)
         if self._metrics_server is not None:

@@ -12,7 +12,8 @@ import numpy as np
 
 from serving import images as imaging
 from serving.calls import CallObserver, CallRecord
-from serving.errors import InvalidInput, ServingError
+from serving.errors import InvalidInput, NotSupported, ServingError
+from serving.explain import GRAD_CAM, OCCLUSION, ExplainOptions, ExplanationService, ModelExplainer
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.repository import ModelRepository, Routed, VersionState
@@ -27,6 +28,8 @@ PROTOCOL = "native"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 # Decoding a large file on the event loop would stall every other call: big ones go to a thread.
 DECODE_INLINE_MAX_BYTES = 64 * 1024
+EXPLAIN_METHODS = {pb.EXPLAIN_METHOD_OCCLUSION: OCCLUSION, pb.EXPLAIN_METHOD_GRAD_CAM: GRAD_CAM}
+EXPLAIN_METHOD_ENUMS = {name: value for value, name in EXPLAIN_METHODS.items()}
 
 
 def image_to_array(image: pb.Image, max_pixels: int) -> np.ndarray:
@@ -59,10 +62,38 @@ def rollout_pb(name: str, config: RepositoryConfig) -> pb.ModelRollout:
     return message
 
 
+def explain_options(request: pb.ExplainRequest) -> ExplainOptions:
+    method = request.method
+    if method != pb.EXPLAIN_METHOD_UNSPECIFIED and method not in EXPLAIN_METHODS:
+        raise InvalidInput(f"method {method} is not an ExplainMethod (occlusion: {pb.EXPLAIN_METHOD_OCCLUSION}, "
+                           f"grad_cam: {pb.EXPLAIN_METHOD_GRAD_CAM})", reason="bad_explain_method")
+    return ExplainOptions(
+        method=EXPLAIN_METHODS.get(method, ""),
+        target_class=request.target_class if request.HasField("target_class") else None,
+        layers=tuple(request.layers), feature_maps=not request.omit_feature_maps, images=not request.omit_images,
+        occlusion_patch=request.occlusion.patch_size, occlusion_stride=request.occlusion.stride,
+    )
+
+
+def explain_metadata(explainer: ModelExplainer | None) -> dict:
+    """ModelMetadata's explain fields."""
+    if explainer is None:
+        return {}
+    return {
+        "explain_methods": [EXPLAIN_METHOD_ENUMS[method] for method in explainer.methods],
+        "explainable_layers": [
+            pb.ExplainableLayer(name=layer.name, shape=layer.shape, is_default=layer.default, description=layer.description)
+            for layer in explainer.layers
+        ],
+    }
+
+
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, core: InferenceCore, repository: ModelRepository, calls: CallObserver,
-                 max_images_per_request: int, max_image_pixels: int, reload):
+                 max_images_per_request: int, max_image_pixels: int, reload,
+                 explanations: ExplanationService | None = None):
         self.core, self.repository, self.calls = core, repository, calls
+        self.explanations = explanations
         self.max_images = max_images_per_request
         self.max_pixels = max_image_pixels
         self._reload = reload  # async () -> None: rescans the repository off the event loop
@@ -163,6 +194,38 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         async for response in self.calls.ordered_stream(stream_call, request_iterator, one):
             yield response
 
+    async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
+        call = self.calls.record("Explain", PROTOCOL, context, request.request_id)
+        return await self.calls.unary(call, context, lambda: self._explain(request, call))
+
+    async def _explain(self, request: pb.ExplainRequest, call: CallRecord) -> pb.ExplainResponse:
+        if self.explanations is None:
+            raise NotSupported("this server does not explain")
+        routed = self._route(call, request.model_name, request.model_version, request.version_label)
+        served = routed.served
+        top_k = check_top_k(request.top_k if request.HasField("top_k") else None, served.model.num_classes)
+        options = explain_options(request)
+        started = time.perf_counter()
+        pixels = await self._decode(request.image)
+        self.core.observe_decode(time.perf_counter() - started, served.name, served.version)
+        call.images = 1
+        result = await self.explanations.explain(routed, pixels, options, call.deadline)
+        explanation = result.explanation
+        call.extra = {"explain_method": explanation.method, "target_class": explanation.target_class}
+        (classes,) = self.core.top_k(result.outcome, top_k)
+        return pb.ExplainResponse(
+            predictions=predictions_pb(classes), target_class=explanation.target_class,
+            target_label=result.outcome.class_names[explanation.target_class],
+            method=EXPLAIN_METHOD_ENUMS[explanation.method],
+            heatmap=explanation.heatmap.ravel().tolist(), heatmap_png=explanation.heatmap_png,
+            feature_maps=[
+                pb.FeatureMap(layer=fm.layer.name, shape=fm.values.shape, values=fm.values.ravel().tolist(), png=fm.png)
+                for fm in explanation.feature_maps
+            ],
+            forward_passes=explanation.forward_passes, model_name=result.outcome.served.name,
+            model_version=result.outcome.served.version, request_id=call.request_id,
+        )
+
     async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context) -> pb.ModelMetadata:
         call = self.calls.record("GetModelMetadata", PROTOCOL, context)
         return await self.calls.unary(call, context, lambda: self._metadata(request, call))
@@ -188,6 +251,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             rollout=rollout_pb(served.name, config),
             unsure_score=served.trust.unsure.score, unsure_threshold=served.trust.unsure.threshold,
             calibration=served.trust.calibration.method,
+            **explain_metadata(await self.explanations.explainer(served) if self.explanations else None),
         )
 
     def _list(self) -> pb.ListModelsResponse:

@@ -12,7 +12,7 @@ FAMILIES = [
     "classifier_requests_total", "classifier_request_duration_seconds_bucket",
     "classifier_phase_duration_seconds_bucket", "classifier_batch_size_bucket",
     "classifier_images_classified_total", "classifier_inflight_requests", "classifier_queue_depth_images",
-    "classifier_model_info", "classifier_model_loads_total", "classifier_serving",
+    "classifier_model_info", "classifier_model_loads_total", "classifier_serving", "classifier_explain_queue_depth",
 ]
 
 

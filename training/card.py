@@ -17,3 +17,12 @@ def set_metadata(onnx_model, card: dict) -> None:
             continue
         entry = onnx_model.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+
+
+def quantized_explain_section(section) -> dict | str:
+    """The fp32 card's `explain` section (training/explain_graph.py) as a quantized copy has it:
+    no explain graph beside it, so occlusion only; its layers' `model_tensor` names still lead
+    serving to the same feature maps in the quantized graph."""
+    if not isinstance(section, dict):
+        return "none"
+    return {"methods": ["occlusion"], "layers": section.get("layers", [])}

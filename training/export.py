@@ -31,6 +31,7 @@ from training import data as cifar  # noqa: E402
 from training.card import set_metadata  # noqa: E402
 from training import trust  # noqa: E402
 from training.evaluate import accuracy_report, predict_outputs, top1_accuracy, write_report  # noqa: E402
+from training.explain_graph import export_explain_graph  # noqa: E402
 from training.models import (  # noqa: E402
     FEATURES_NAME, INPUT_NAME, MAHALANOBIS, NEGATIVE_NORM, OUTPUT_NAME, PREPROCESSING, UNSURE_SCORE_NAME,
     UnsureScore, count_macs, with_exportable_gelu,
@@ -246,6 +247,8 @@ def export(run_dir: Path, repository: Path, name: str, version: int, data_dir: P
             "exported_with": versions(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+        # explain.onnx beside model.onnx for a whitened net (docs/explain.md); "none" for others
+        card["explain"] = export_explain_graph(trained, onnx_model, staging, test.images[:64], OPSET)
         set_metadata(onnx_model, card)
         model_bytes = onnx_model.SerializeToString()
         (staging / "model.onnx").write_bytes(model_bytes)

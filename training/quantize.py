@@ -25,7 +25,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from training import data as cifar
 from training import trust
-from training.card import set_metadata
+from training.card import quantized_explain_section, set_metadata
 from training.evaluate import accuracy_report, ort_session, predict_outputs, top1_accuracy, write_report
 from training.models import OUTPUT_NAME, UNSURE_SCORE_NAME
 
@@ -93,6 +93,7 @@ def quantize(source: Path, repository: Path, name: str, version: int, data_dir: 
             # The fp32 graph's parity and file hash do not describe this file; its trust blocks are refitted below.
             **{k: v for k, v in fp32_card.items() if k not in ("parity", "sha256")},
             "name": name, "version": version,
+            "explain": quantized_explain_section(fp32_card.get("explain")),
             "test_accuracy": report["test_accuracy"],
             "validation_accuracy": round(validation_accuracy, 4),
             "per_class_accuracy": report["per_class_accuracy"],
