@@ -144,7 +144,7 @@ def test_deletion_of_the_most_salient_pixels_beats_another_images_heatmap(server
     ({"occlusion": pb.OcclusionOptions(patch_size=2, stride=1)}, grpc.StatusCode.INVALID_ARGUMENT, "needs 961 forward passes, over the limit of 256"),
     ({"top_k": 11}, grpc.StatusCode.INVALID_ARGUMENT, "top_k is 11"),
     ({"model_name": "nope"}, grpc.StatusCode.NOT_FOUND, "model 'nope' is not in the repository"),
-    ({"version_label": "stable"}, grpc.StatusCode.UNIMPLEMENTED, "does not route by version label yet"),
+    ({"version_label": "stable"}, grpc.StatusCode.NOT_FOUND, "has no version label 'stable'"),
 ])
 def test_bad_explain_requests_say_what_was_wrong(server, test_slice, fields, status, words):
     error = refused(server, pb.ExplainRequest(image=png_image(test_slice.images[0]), **fields))

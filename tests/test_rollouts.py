@@ -107,6 +107,13 @@ def test_a_version_label_names_its_version_on_the_native_api(labelled):
     assert streamed.response.model_version == 2
 
 
+def test_explain_routes_by_version_label_like_classify(labelled):
+    request = pb.ExplainRequest(image=raw_image(PIXELS), version_label="canary", omit_images=True, omit_feature_maps=True)
+    assert labelled.stub.Explain(request, timeout=30).model_version == 2
+    request.version_label = "stable"
+    assert labelled.stub.Explain(request, timeout=30).model_version == 1
+
+
 def test_the_client_cli_names_a_label_and_prints_which_version_answered(labelled, tmp_path):
     image = tmp_path / "image.png"
     image.write_bytes(encode(PIXELS))

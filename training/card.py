@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def set_metadata(onnx_model, card: dict) -> None:
@@ -26,3 +27,16 @@ def quantized_explain_section(section) -> dict | str:
     if not isinstance(section, dict):
         return "none"
     return {"methods": ["occlusion"], "layers": section.get("layers", [])}
+
+
+def update_card(version_dir: Path, blocks: dict) -> dict:
+    """Add (or replace) top-level blocks of an exported version's model_card.json, for figures
+    measured after export (trust parameters of an older export, the cost ratio). model.onnx is
+    untouched, so its sha256 and the card inside it stand; the card says which blocks came later."""
+    path = Path(version_dir) / "model_card.json"
+    card = json.loads(path.read_text())
+    card.update(blocks)
+    later = set(card.get("added_after_export", [])) | set(blocks)
+    card["added_after_export"] = sorted(later - {"added_after_export"})
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return card

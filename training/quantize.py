@@ -90,8 +90,8 @@ def quantize(source: Path, repository: Path, name: str, version: int, data_dir: 
         fp32_speed = images_per_second(source / "model.onnx", batch, threads)
         int8_speed = images_per_second(quantized, batch, threads)
         card = {
-            # The fp32 graph's parity and file hash do not describe this file; its trust blocks are refitted below.
-            **{k: v for k, v in fp32_card.items() if k not in ("parity", "sha256")},
+            # The fp32 graph's parity, file hash and cost do not describe this file; its trust blocks are refitted below.
+            **{k: v for k, v in fp32_card.items() if k not in ("parity", "sha256", "cost", "added_after_export")},
             "name": name, "version": version,
             "explain": quantized_explain_section(fp32_card.get("explain")),
             "test_accuracy": report["test_accuracy"],

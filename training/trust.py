@@ -302,11 +302,11 @@ def add_to_card(version_dir, data_dir) -> dict:
     from pathlib import Path
 
     from training import data as cifar
+    from training.card import update_card
     from training.evaluate import ort_session, predict_outputs
 
     version_dir = Path(version_dir)
-    card_path = version_dir / "model_card.json"
-    card = json.loads(card_path.read_text())
+    card = json.loads((version_dir / "model_card.json").read_text())
     recipe = card["training"]["recipe"]
     _, validation = cifar.train_validation_split(cifar.load_train(data_dir), recipe["validation_size"], recipe["seed"])
     test = cifar.load_test(data_dir)
@@ -316,10 +316,7 @@ def add_to_card(version_dir, data_dir) -> dict:
         return predict_outputs(session, images)
 
     blocks = trust_card_blocks(run, validation, run(validation.images), test, run(test.images))
-    card.update(blocks)
-    card["trust_fitted"] = ("after export, by python -m training.trust, on this file's outputs; the ONNX "
-                            "metadata holds the card as exported, without these blocks")
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    update_card(version_dir, blocks)
     return blocks
 
 
