@@ -9,7 +9,7 @@ PROTO_OUT := serving/proto
 PROTO_STAMP := $(PROTO_OUT)/.generated
 EXTRAS ?= serving,training,dev
 
-.PHONY: install proto serve test clean lock compose-up compose-down train train-fast average export quantize evaluate
+.PHONY: install proto serve test clean lock compose-up compose-down train train-fast average export quantize evaluate cost
 
 install: $(STAMP)
 
@@ -68,7 +68,7 @@ lock:
 RUN ?= runs/default
 NAME ?= cifar10
 VERSION ?= 2
-MODEL ?= models/cifar10/1/model.onnx
+MODEL ?= models/cifar10/2/model.onnx
 
 train: $(STAMP)
 	$(PY) -m training.train --recipe default --run-dir runs/default $(ARGS)
@@ -85,10 +85,16 @@ export: $(STAMP)
 	$(PY) -m training.export --run-dir $(RUN) --name $(NAME) --version $(VERSION) $(ARGS)
 
 quantize: $(STAMP)
-	$(PY) -m training.quantize --source models/$(NAME)/$(VERSION) --name $(NAME)-int8 --version 1
+	$(PY) -m training.quantize --source models/$(NAME)/$(VERSION) --name $(NAME)-int8 --version $(VERSION)
 
 evaluate: $(STAMP)
 	$(PY) -m training.evaluate $(MODEL) $(ARGS)
+
+# Inference cost per image against a ResNet-20 reference, timed in the same run (training/cost.py);
+# on a quiet machine. ARGS=--write puts it in the cards.
+COST_MODELS ?= models/cifar10/1 models/cifar10/2 models/cifar10-int8/2
+cost: $(STAMP)
+	$(PY) -m training.cost $(COST_MODELS) $(ARGS)
 
 # ---- containers (docs/deploy.md) ----------------------------------------------------------
 # docker/engine.py picks the engine that answers here (docker with a daemon, else podman) and the

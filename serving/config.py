@@ -188,30 +188,19 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
     return config
 
 
+# The smallest value each numeric setting may take.
+MINIMUMS = {
+    "max_batch_size": 1, "max_images_per_request": 1, "max_batch_delay_ms": 0, "drift_window": 1,
+    "shadow_max_inflight_images": 1, "shadow_drop_queue_images": 0, "shadow_window_images": 1,
+    "max_concurrent_explanations": 1, "max_queued_explanations": 0, "explain_intra_op_threads": 0,
+}
+
+
 def validate(config: ServerConfig) -> list[str]:
-    problems = []
-    if config.max_batch_size < 1:
-        problems.append("--max-batch-size must be >= 1")
+    problems = [f"--{name.replace('_', '-')} must be >= {least}"
+                for name, least in MINIMUMS.items() if getattr(config, name) < least]
     if config.max_queue_size < config.max_batch_size:
         problems.append("--max-queue-size must be >= --max-batch-size")
-    if config.max_images_per_request < 1:
-        problems.append("--max-images-per-request must be >= 1")
-    if config.drift_window < 1:
-        problems.append("--drift-window must be >= 1")
-    if config.shadow_max_inflight_images < 1:
-        problems.append("--shadow-max-inflight-images must be >= 1")
-    if config.shadow_drop_queue_images < 0:
-        problems.append("--shadow-drop-queue-images must be >= 0")
-    if config.shadow_window_images < 1:
-        problems.append("--shadow-window-images must be >= 1")
-    if config.max_concurrent_explanations < 1:
-        problems.append("--max-concurrent-explanations must be >= 1")
-    if config.max_queued_explanations < 0:
-        problems.append("--max-queued-explanations must be >= 0")
-    if config.explain_intra_op_threads < 0:
-        problems.append("--explain-intra-op-threads must be >= 0")
-    if config.max_batch_delay_ms < 0:
-        problems.append("--max-batch-delay-ms must be >= 0")
     if bool(config.tls_cert) != bool(config.tls_key):
         problems.append("--tls-cert and --tls-key go together")
     if config.tls_client_ca and not config.tls_cert:

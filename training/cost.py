@@ -20,14 +20,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from training import data as cifar
 from training.card import update_card
-from training.evaluate import ort_session
+from training.evaluate import images_per_second, ort_session
 
 BATCH, THREADS, ROUNDS, SECONDS_PER_TIMING = 64, 2, 5, 3.0
 REFERENCE = "ResNet-20 (He et al. 2016: 16/32/64 channels, 3 basic blocks a stage, 1x1 projections), ONNX, untrained"
@@ -62,17 +61,6 @@ def reference_onnx(path: Path) -> Path:
     model = keras.Model(inputs, outputs, name="resnet20_reference")
     path.write_bytes(to_onnx(model).SerializeToString())
     return path
-
-
-def images_per_second(session, batch: np.ndarray, seconds: float) -> float:
-    name = session.get_inputs()[0].name
-    first_output = [session.get_outputs()[0].name]
-    session.run(first_output, {name: batch})
-    runs, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        session.run(first_output, {name: batch})
-        runs += 1
-    return runs * len(batch) / (time.perf_counter() - started)
 
 
 def measure(model_paths: list[Path], reference: Path, batch: np.ndarray, rounds: int = ROUNDS,

@@ -15,7 +15,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from training import data as cifar
 from training import trust
 from training.card import quantized_explain_section, set_metadata
-from training.evaluate import accuracy_report, ort_session, predict_outputs, top1_accuracy, write_report
+from training.evaluate import accuracy_report, images_per_second, ort_session, predict_outputs, top1_accuracy, write_report
 from training.models import OUTPUT_NAME, UNSURE_SCORE_NAME
 
 CALIBRATION_IMAGES = 1024
@@ -41,17 +40,6 @@ class TrainingImages(CalibrationDataReader):
 
     def get_next(self):
         return next(self.batches, None)
-
-
-def images_per_second(model_path: Path, batch: np.ndarray, threads: int, seconds: float = 3.0) -> float:
-    session = ort_session(model_path, threads)
-    name = session.get_inputs()[0].name
-    session.run(None, {name: batch})
-    runs, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        session.run(None, {name: batch})
-        runs += 1
-    return runs * len(batch) / (time.perf_counter() - started)
 
 
 def quantize(source: Path, repository: Path, name: str, version: int, data_dir: Path, threads: int = 2) -> dict:
@@ -87,8 +75,8 @@ def quantize(source: Path, repository: Path, name: str, version: int, data_dir: 
         trust_blocks = trust.trust_card_blocks(lambda images: predict_outputs(session, images),
                                                validation, validation_outputs, test, test_outputs)
         batch = test.images[:64]
-        fp32_speed = images_per_second(source / "model.onnx", batch, threads)
-        int8_speed = images_per_second(quantized, batch, threads)
+        fp32_speed = images_per_second(ort_session(source / "model.onnx", threads), batch)
+        int8_speed = images_per_second(ort_session(quantized, threads), batch)
         card = {
             # The fp32 graph's parity, file hash and cost do not describe this file; its trust blocks are refitted below.
             **{k: v for k, v in fp32_card.items() if k not in ("parity", "sha256", "cost", "added_after_export")},
