@@ -7,10 +7,12 @@ Keys: onnxruntime session config entries (`session.intra_op.allow_spinning=0`, .
 - `inference_nice=N`: the batcher and onnxruntime threads at nice N (a negative N needs root);
 - `worker_nice=N`: only onnxruntime's own intra-op worker threads at nice N (the batcher thread,
   which runs its share of each operator too, stays at 0);
-- `decode_inline_max_bytes=N`: encoded images above N bytes decode in a thread (the default 64 KiB).
+- `decode_inline_max_bytes=N`: encoded images above N bytes decode in a thread (the default 64 KiB);
+- `trust=off`: the batcher runs the graph's probabilities alone, as it did before calibration, the
+  unsure score and the drift windows (serving/trust.py): the "before" side of the trust-cost row.
 
-Used only by bench/tune.py, never for a benchmark row: it measures what a change to serving/
-would buy before anyone makes it. Every patch applies to this process only.
+Used by bench/tune.py, and by bench/run.py's trust row for its "before" side only: it measures
+what a change to serving/ buys or costs. Every patch applies to this process only.
 """
 
 from __future__ import annotations
@@ -91,7 +93,21 @@ def decode_inline_max_bytes(size: str) -> None:
     serving.servicer.DECODE_INLINE_MAX_BYTES = int(size)
 
 
+def trust(setting: str) -> None:
+    if setting != "off":
+        raise SystemExit(f"trust={setting}: only trust=off is a patch")
+    import numpy as np
+
+    from serving.trust import ScoredRunner
+
+    def probabilities_only(self, images):
+        return self._model.run(images), np.zeros(len(images), dtype=np.float32)
+
+    ScoredRunner.__call__ = probabilities_only  # type: ignore[method-assign]
+
+
 PATCHES: dict[str, Callable[[str], None]] = {
+    "trust": trust,
     "sys.switchinterval": switch_interval,
     "inference_nice": inference_nice,
     "decode_inline_max_bytes": decode_inline_max_bytes,

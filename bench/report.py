@@ -127,6 +127,27 @@ def _shadow_target(results: dict) -> dict | None:
         median <= SHADOW_TARGET, f"{compared:.0f} copies compared, {dropped:.0f} dropped on the shadowed sides")
 
 
+TRUST_TARGET = 0.95  # throughput with trust / without, one image per call
+
+
+def _trust_targets(results: dict) -> list[dict]:
+    """Per concurrency of the trust row (bench/run.py `Bench.trust`): the median over its paired
+    rounds of throughput with trust / without."""
+    cost = results.get("trust_cost")
+    if not cost:
+        return []
+    found = []
+    for concurrency in sorted({pair["concurrency"] for pair in cost["pairs"]}):
+        ratios = [p["trust"]["throughput"] / p["none"]["throughput"] for p in cost["pairs"] if p["concurrency"] == concurrency]
+        median = statistics.median(ratios)
+        found.append(_target(
+            f"trust (calibration, unsure score, drift): one image per call at c={concurrency} within "
+            f"{1 - TRUST_TARGET:.0%} of without",
+            f"median of {len(ratios)} paired rounds {median:.3f}x ({', '.join(f'{r:.3f}' for r in ratios)})",
+            median >= TRUST_TARGET, "throughput with trust / with it patched out (bench/patched_serving.py trust=off)"))
+    return found
+
+
 def targets(results: dict) -> list[dict]:
     """Met or missed. Where the run has paired rounds, a target's verdict is the median of its
     same-minute pairs; the one-pass figure (against the conservative limit) is shown beside it."""
@@ -185,6 +206,7 @@ def targets(results: dict) -> list[dict]:
     shadow = _shadow_target(results)
     if shadow:
         found.append(shadow)
+    found.extend(_trust_targets(results))
     startup = results.get("servers", {}).get("ours-startup")
     if startup:
         found.append(_target("startup (process start -> health SERVING) <= 2 s", f"{startup['startup_s']:.2f} s",

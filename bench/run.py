@@ -16,6 +16,9 @@ Rows (each a separate server process; the load generator is this process):
   shadow       our server, native Classify at c=16 with 10% of the answered requests shadowed by a
                second version of cifar10, beside the same server without the shadow (config switched
                by ReloadModels), in paired rounds: what shadowing costs the callers' p50
+  trust        our server beside the same server with the trust work patched out (bench/patched_serving.py
+               trust=off: no calibration, unsure score or drift window), native Classify one image per
+               call at c=1 and c=16, in paired rounds: what trust costs the callers' throughput
   paired       the targets' points again (ours-raw and ours-stream at c=1, every one-image row at
                c=64), each timed right beside a fresh timing of the limit, leading in alternation,
                for a few rounds: the verdicts take the median of these same-minute ratios; and
@@ -80,6 +83,7 @@ PAIRED_POINTS: tuple[tuple[str, int], ...] = (
 PAIRED_WARMUP_S = 1.0
 # The peer target's points, timed again ours-v2 beside mlserver-v2 (both servers up).
 PEER_PAIRED_CONCURRENCIES: tuple[int, ...] = (16, 64)
+TRUST_CONCURRENCIES: tuple[int, ...] = (1, 16)  # one image per call: the issue's cost target
 
 
 @dataclass
@@ -226,11 +230,11 @@ class Bench:
                 return await closed_loop(channel, endpoint, int(value), **common)
             return await open_loop(channel, endpoint, float(value), **common)
 
-    def our_server(self, name: str, model: str, *flags: str) -> OurServer:
+    def our_server(self, name: str, model: str, *flags: str, launcher: list[str] | None = None) -> OurServer:
         extra = self.args.server_flags.split() if self.args.server_flags else []
         server = OurServer(self.work / f"{name}.log",
                            ["--intra-op-threads", str(self.args.threads), "--default-model", model, *flags, *extra],
-                           bench_repository(self.work, model))
+                           bench_repository(self.work, model), launcher)
         return server.start()
 
     # --- rows ----------------------------------------------------------------------------------
@@ -474,6 +478,30 @@ class Bench:
         self.results["shadow_cost"] = {"rounds": rounds, "seconds": self.plan.paired_seconds, "percent": percent,
                                        "stable": repository.stable, "candidate": repository.candidate, "pairs": pairs}
 
+    def trust(self) -> None:
+        """Throughput of one image per Classify call with trust (calibration, unsure score, drift
+        windows) and without it (patched out: what the server did before), two servers up, their
+        points back to back for `paired_rounds` rounds, the side that goes first alternating."""
+        with_trust = self.our_server("trust", FP32_MODEL)
+        without = self.our_server("no-trust", FP32_MODEL, launcher=["-m", "bench.patched_serving", "trust=off", "--"])
+        try:
+            endpoint = native_endpoint(self.images, "raw")
+            rounds = max(self.plan.paired_rounds, 1)
+            print(f"== trust: c={TRUST_CONCURRENCIES} x {rounds} rounds, with trust beside trust patched out", flush=True)
+            pairs = []
+            for round_index, concurrency, trust_first in paired_order(rounds, list(TRUST_CONCURRENCIES)):
+                sides = {}
+                for side, server in (("trust", with_trust), ("none", without))[::1 if trust_first else -1]:
+                    sides[side] = self._paired_point(server, endpoint, concurrency, f"trust {side} c={concurrency}")
+                pairs.append({"round": round_index, "concurrency": concurrency, "trust_first": trust_first, **sides})
+                print(f"  trust round {round_index} c={concurrency}: {sides['trust']['throughput']:.0f} img/s with, "
+                      f"{sides['none']['throughput']:.0f} without", flush=True)
+            self.results["trust_cost"] = {"rounds": rounds, "seconds": self.plan.paired_seconds, "pairs": pairs}
+        finally:
+            for name, server in (("trust", with_trust), ("no-trust", without)):
+                self._record_server(name, server, final=True)
+                server.stop()
+
     # --- bookkeeping ---------------------------------------------------------------------------
 
     def _v2_messages(self):
@@ -502,7 +530,7 @@ class Bench:
         began = time.perf_counter()
         steps = [("limit", self.limits), ("startup", self.startup), ("ours", self.ours),
                  ("limit-after-rows", self.limit_after_rows), ("naive-raw", self.naive), ("int8-raw", self.int8),
-                 ("shadow", self.shadow)]
+                 ("shadow", self.shadow), ("trust", self.trust)]
         for name, step in steps:
             if name not in self.skip:
                 print(f"== {name}", flush=True)
