@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 from pathlib import Path
 
@@ -105,3 +106,34 @@ def png_image(pixels: np.ndarray) -> pb.Image:
 def raw_image(pixels: np.ndarray) -> pb.Image:
     h, w, c = pixels.shape
     return pb.Image(raw=pb.RawPixels(data=pixels.tobytes(), height=h, width=w, channels=c))
+
+
+def run_python(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return run_python("-m", module, *args)
+
+
+WHITENED_NAME, WHITENED_INT8, WHITENED_VERSION = "tiny", "tiny-int8", 2
+
+
+@pytest.fixture(scope="session")
+def whitened(tmp_path_factory, data_dir) -> tuple[Path, Path]:
+    """(run dir, repository): two epochs of the `fast` recipe (the default's patch-whitened net,
+    grouped SGD, Lookahead) on 1,024 images, exported (trust blocks, explain.onnx) as tiny v2 and
+    quantized as tiny-int8 v2. Shared by the training and explain-graph tests: training is the
+    slow part."""
+    root = tmp_path_factory.mktemp("whitened")
+    run_dir, repo = root / "run", root / "models"
+    run_module("training.train", "--recipe", "fast", "--epochs", "2", "--limit", "1024", "--run-dir", str(run_dir),
+               "--data-dir", str(data_dir))
+    run_module("training.export", "--run-dir", str(run_dir), "--repository", str(repo), "--name", WHITENED_NAME,
+               "--version", str(WHITENED_VERSION), "--data-dir", str(data_dir), "--fit-images", "1000")
+    run_module("training.quantize", "--source", str(repo / WHITENED_NAME / str(WHITENED_VERSION)), "--repository",
+               str(repo), "--name", WHITENED_INT8, "--version", str(WHITENED_VERSION), "--data-dir", str(data_dir),
+               "--threads", "1")
+    return run_dir, repo

@@ -11,25 +11,12 @@ import onnxruntime as ort
 import pytest
 
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
+from tests.conftest import WHITENED_INT8 as INT8
+from tests.conftest import WHITENED_NAME as NAME
+from tests.conftest import WHITENED_VERSION as VERSION
 from tests.conftest import png_image
-from tests.test_training import run_module
 
-NAME, VERSION, INT8 = "whitened", 2, "whitened-int8"
 LAYERS = {"whiten_act": [31, 31, 24], "block1": [15, 15, 64], "block2": [7, 7, 256], "block3": [3, 3, 256]}
-
-
-@pytest.fixture(scope="module")
-def whitened(tmp_path_factory, data_dir):
-    """One epoch of the `fast` recipe on 1,024 images, exported (explain.onnx beside it) and quantized."""
-    root = tmp_path_factory.mktemp("explain-graph")
-    run_dir, repo = root / "run", root / "models"
-    run_module("training.train", "--recipe", "fast", "--epochs", "1", "--limit", "1024",
-               "--run-dir", str(run_dir), "--data-dir", str(data_dir))
-    run_module("training.export", "--run-dir", str(run_dir), "--repository", str(repo), "--name", NAME,
-               "--version", str(VERSION), "--data-dir", str(data_dir))
-    run_module("training.quantize", "--source", str(repo / NAME / str(VERSION)), "--repository", str(repo),
-               "--name", INT8, "--version", "1", "--data-dir", str(data_dir), "--threads", "1")
-    return run_dir, repo
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +78,9 @@ def test_the_card_describes_the_explain_graph_and_the_int8_card_offers_occlusion
     assert card["grad_cam_layer"] == "block3" and card["grad_cam_cell"] == {"stride": 8.0, "offset": 4.5}
     assert {layer["name"]: layer["shape"] for layer in card["layers"]} == LAYERS
     assert all(layer["model_tensor"] for layer in card["layers"])
-    int8 = json.loads((repo / INT8 / "1" / "model_card.json").read_text())["explain"]
+    int8 = json.loads((repo / INT8 / str(VERSION) / "model_card.json").read_text())["explain"]
     assert int8["methods"] == ["occlusion"] and "graph" not in int8
-    assert not (repo / INT8 / "1" / "explain.onnx").exists()
+    assert not (repo / INT8 / str(VERSION) / "explain.onnx").exists()
 
 
 def test_a_whitened_model_is_explained_by_grad_cam_in_one_forward_pass(whitened, start_server, test_slice):

@@ -5,29 +5,17 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.conftest import REPO_ROOT, SHIPPED_MODELS, ServerProcess
+from tests.conftest import SHIPPED_MODELS, ServerProcess, run_module, run_python
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from training import augment
 from training import data as cifar
 
 TRAIN_LIMIT, EPOCHS = 1536, 2
-
-
-def run_python(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    return run_python("-m", module, *args)
 
 
 @pytest.fixture(scope="module")
@@ -219,21 +207,6 @@ def test_weight_averaging_continues_a_run_and_exports_the_average(trained, data_
 # ---- the default's network and training (the `fast` recipe, tiny) --------------------------------
 
 WHITENED_OUTPUTS = ["probabilities", "features", "logits", "unsure_score"]
-
-
-@pytest.fixture(scope="module")
-def whitened(tmp_path_factory, data_dir):
-    """Two epochs of the `fast` recipe (the patch-whitened net, grouped SGD, Lookahead) on 1,024
-    images, exported with its trust blocks and quantized, into a temp repository."""
-    root = tmp_path_factory.mktemp("whitened")
-    run_dir, repo = root / "run", root / "models"
-    run_module("training.train", "--recipe", "fast", "--epochs", "2", "--limit", "1024", "--run-dir", str(run_dir),
-               "--data-dir", str(data_dir))
-    run_module("training.export", "--run-dir", str(run_dir), "--repository", str(repo), "--name", "tiny",
-               "--version", "2", "--data-dir", str(data_dir), "--fit-images", "1000")
-    run_module("training.quantize", "--source", str(repo / "tiny" / "2"), "--repository", str(repo),
-               "--name", "tiny-int8", "--version", "2", "--data-dir", str(data_dir))
-    return run_dir, repo
 
 
 def test_the_whitened_recipe_saves_its_lookahead_state_and_resumes_from_it(whitened, tmp_path, data_dir):
