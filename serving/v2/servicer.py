@@ -2,7 +2,7 @@
 domain objects, over the same InferenceCore, batcher, queue bound, deadlines, metrics
 (protocol="v2"), access log and error mapping as the native Classifier API.
 
-Mapping choices (README "Open Inference Protocol"):
+Mapping choices (docs/api.md, "The Open Inference Protocol"):
 - model_version "" (or "0"): the model's traffic split (sticky per request id), else the newest
   available version; a number: that version; anything else: a version label ("stable").
   model_name "": the default model.
