@@ -22,13 +22,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 proto: $(PROTO_STAMP)
 
-# Generated stubs live in the package and are never edited by hand (nor committed).
-$(PROTO_STAMP): $(PROTO_SRC) $(STAMP)
-	rm -rf $(PROTO_OUT) && mkdir -p $(PROTO_OUT)
-	$(PY) -m grpc_tools.protoc -Iprotos -I"$$($(PY) -c 'import google.rpc, pathlib; print(pathlib.Path(google.rpc.__path__[0]).parent.parent)')" \
-		--python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
-		--grpc_python_out=$(PROTO_OUT) $(PROTO_SRC)
-	$(PY) tools/fix_proto_imports.py $(PROTO_OUT)
+# Generated stubs live in the package and are never edited by hand (nor committed). The same
+# script generates them for the images and for `pip install .` (setup.py's build hook).
+$(PROTO_STAMP): $(PROTO_SRC) tools/generate_protos.py $(STAMP)
+	rm -rf $(PROTO_OUT)
+	$(PY) tools/generate_protos.py $(PROTO_OUT)
 	touch $@
 
 serve: $(PROTO_STAMP)
