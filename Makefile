@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/*/*/*/*.proto protos/inference/*.proto)
 PROTO_OUT := serving/proto
 PROTO_STAMP := $(PROTO_OUT)/.generated
-EXTRAS ?= serving,training,dev
+EXTRAS ?= serving,client,training,dev
 
 .PHONY: install proto serve test clean lock compose-up compose-down train train-fast average export quantize evaluate
 
