@@ -112,7 +112,7 @@ compose-down: $(STAMP)
 # ---- benchmarks (bench/README.md): make bench BENCH_MODE=quick|full -----------------------
 # The peer (MLServer 1.7.1) needs protobuf < 7, so it gets its own venv, every package pinned
 # in bench/mlserver/requirements.txt; the load generators and our server run from .venv.
-.PHONY: bench bench-venvs bench-profile bench-tune bench-test
+.PHONY: bench bench-venvs bench-profile bench-tune bench-test bench-client
 BENCH_MODE ?= quick
 MLSERVER_VENV := .venv-mlserver
 MLSERVER_STAMP := $(MLSERVER_VENV)/.installed
@@ -133,6 +133,12 @@ bench-venvs: $(BENCH_STAMP) $(MLSERVER_STAMP)
 
 bench: $(PROTO_STAMP) $(BENCH_STAMP) $(MLSERVER_STAMP)
 	$(PY) -m bench --mode $(BENCH_MODE) $(BENCH_ARGS)
+
+# The client-bulk row alone (bench/client_bulk.py): the bulk CLI on 10,000 PNG files (quick: 1,000)
+# beside ClassifyStream PNG load on the same server, paired -> bench/results/client-$(BENCH_MODE)/.
+bench-client: $(PROTO_STAMP) $(BENCH_STAMP)
+	$(PY) -m bench --mode $(BENCH_MODE) --out bench/results/client-$(BENCH_MODE) \
+		--skip limit,startup,ours,limit-after-rows,naive-raw,int8-raw,shadow $(BENCH_ARGS)
 
 bench-profile: $(PROTO_STAMP) $(BENCH_STAMP)
 	$(PY) -m bench.profile $(BENCH_ARGS)
