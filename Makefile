@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/*/*/*/*.proto protos/inference/*.proto)
 PROTO_OUT := serving/proto
 PROTO_STAMP := $(PROTO_OUT)/.generated
-EXTRAS ?= serving,training,dev
+EXTRAS ?= serving,client,training,dev
 
 .PHONY: install proto serve test clean lock compose-up compose-down train train-fast average export quantize evaluate cost
 
@@ -22,13 +22,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 proto: $(PROTO_STAMP)
 
-# Generated stubs live in the package and are never edited by hand (nor committed).
-$(PROTO_STAMP): $(PROTO_SRC) $(STAMP)
-	rm -rf $(PROTO_OUT) && mkdir -p $(PROTO_OUT)
-	$(PY) -m grpc_tools.protoc -Iprotos -I"$$($(PY) -c 'import google.rpc, pathlib; print(pathlib.Path(google.rpc.__path__[0]).parent.parent)')" \
-		--python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
-		--grpc_python_out=$(PROTO_OUT) $(PROTO_SRC)
-	$(PY) tools/fix_proto_imports.py $(PROTO_OUT)
+# Generated stubs live in the package and are never edited by hand (nor committed). The same
+# script generates them for the images and for `pip install .` (setup.py's build hook).
+$(PROTO_STAMP): $(PROTO_SRC) tools/generate_protos.py $(STAMP)
+	rm -rf $(PROTO_OUT)
+	$(PY) tools/generate_protos.py $(PROTO_OUT)
 	touch $@
 
 serve: $(PROTO_STAMP)
@@ -120,7 +118,7 @@ compose-down: $(STAMP)
 # ---- benchmarks (bench/README.md): make bench BENCH_MODE=quick|full -----------------------
 # The peer (MLServer 1.7.1) needs protobuf < 7, so it gets its own venv, every package pinned
 # in bench/mlserver/requirements.txt; the load generators and our server run from .venv.
-.PHONY: bench bench-venvs bench-profile bench-tune bench-test
+.PHONY: bench bench-venvs bench-profile bench-tune bench-test bench-client
 BENCH_MODE ?= quick
 MLSERVER_VENV := .venv-mlserver
 MLSERVER_STAMP := $(MLSERVER_VENV)/.installed
@@ -141,6 +139,12 @@ bench-venvs: $(BENCH_STAMP) $(MLSERVER_STAMP)
 
 bench: $(PROTO_STAMP) $(BENCH_STAMP) $(MLSERVER_STAMP)
 	$(PY) -m bench --mode $(BENCH_MODE) $(BENCH_ARGS)
+
+# The client-bulk row alone (bench/client_bulk.py): the bulk CLI on 10,000 PNG files (quick: 1,000)
+# beside ClassifyStream PNG load on the same server, paired -> bench/results/client-$(BENCH_MODE)/.
+bench-client: $(PROTO_STAMP) $(BENCH_STAMP)
+	$(PY) -m bench --mode $(BENCH_MODE) --out bench/results/client-$(BENCH_MODE) \
+		--skip limit,startup,ours,limit-after-rows,naive-raw,int8-raw,shadow $(BENCH_ARGS)
 
 bench-profile: $(PROTO_STAMP) $(BENCH_STAMP)
 	$(PY) -m bench.profile $(BENCH_ARGS)

@@ -13,6 +13,9 @@ Rows (each a separate server process; the load generator is this process):
                up at the same time as ours, its points interleaved with ours-v2's (AB, BA, ...)
   naive-raw    our server with --max-batch-size 1: one onnxruntime call per request
   int8-raw     our server on models/cifar10-int8 (only when present), against its own limit
+  client-bulk  the bulk CLI (`python -m serving.client DIR --output rows.jsonl`) on 10,000 PNG files
+               (quick: 1,000), end to end, beside ClassifyStream PNG load at c=64 on the same server, in
+               paired rounds: the client's share of the stream's images/s (bench/client_bulk.py)
   shadow       our server, native Classify at c=16 with 10% of the answered requests shadowed by a
                second version of cifar10, beside the same server without the shadow (config switched
                by ReloadModels), in paired rounds: what shadowing costs the callers' p50
@@ -34,6 +37,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +46,7 @@ import grpc
 import onnxruntime as ort
 
 from bench import limit as raw_limit
-from bench import report, shadow_cost, v2proto
+from bench import client_bulk, report, shadow_cost, v2proto
 from bench.endpoints import (Endpoint, cifar_test_images, health_check_endpoint, native_batch_endpoint, native_endpoint,
                              native_stream_endpoint, v2_endpoint)
 from bench.loadgen import STREAM_DEPTH, LoadResult, closed_loop, open_loop
@@ -65,6 +69,7 @@ class Plan:
     batch_concurrencies: tuple[int, ...] = (1, 2, 4, 8)
     paired_rounds: int = 0
     paired_seconds: float = 0.0
+    client_images: int = 1000  # PNG files the client-bulk row's CLI classifies per run
 
 
 BATCH_ROW_IMAGES = 32
@@ -72,9 +77,9 @@ BATCH_ROW = f"ours-batch{BATCH_ROW_IMAGES}"
 
 PLANS = {
     "quick": Plan(warmup_s=1.0, duration_s=3.0, limit_seconds_per_size=0.5, startup_repeats=1,
-                  paired_rounds=1, paired_seconds=1.0),
+                  paired_rounds=1, paired_seconds=1.0, client_images=1000),
     "full": Plan(warmup_s=3.0, duration_s=15.0, limit_seconds_per_size=3.0, startup_repeats=5,
-                 paired_rounds=4, paired_seconds=5.0),
+                 paired_rounds=4, paired_seconds=5.0, client_images=10_000),
 }
 # The points the targets judge, timed again beside the limit: (row, concurrency). The limit side
 # runs batch 1 beside concurrency 1 and its best batch beside the saturation points.
@@ -502,6 +507,48 @@ class Bench:
                 self._record_server(name, server, final=True)
                 server.stop()
 
+    def client_bulk(self) -> None:
+        """The bulk CLI on `client_images` PNG files, end to end, paired with ClassifyStream PNG load
+        (c=64, the same images) on the same server, for `paired_rounds` rounds, the side that goes
+        first alternating; the target takes the median of the CLI's share (bench/client_bulk.py)."""
+        rounds, count = self.plan.paired_rounds, self.plan.client_images
+        if not rounds:
+            return
+        images = cifar_test_images(count)
+        endpoint = native_stream_endpoint(native_endpoint(images, "png"))
+        concurrency = client_bulk.CLIENT_CONCURRENCY
+        server = self.our_server("client-bulk", FP32_MODEL)
+        print(f"== client-bulk: the CLI on {count:,} PNG files beside ours-stream-png c={concurrency}, "
+              f"{rounds} rounds", flush=True)
+        pairs = []
+        try:
+            with tempfile.TemporaryDirectory(prefix="bench-client-") as scratch:
+                folder = client_bulk.write_pngs(images, Path(scratch) / "pngs")
+                self._paired_point(server, endpoint, concurrency, "client-bulk warm-up")  # not inside a pair
+                for round_index, _, cli_first in paired_order(rounds, [concurrency]):
+                    sides = {}
+                    for side in (("cli", "stream") if cli_first else ("stream", "cli")):
+                        if side == "cli":
+                            rows = Path(scratch) / f"rows-{round_index}.jsonl"
+                            sides["cli"] = client_bulk.run_cli(server.target, folder, images.labels, rows)
+                        else:
+                            result = asyncio.run(self._one_run(server, endpoint, "closed", concurrency,
+                                                               f"client-bulk stream c={concurrency}"))
+                            sides["stream"] = {"throughput": round(result.throughput, 1),
+                                               "p50_ms": round(result.percentile_ms(50), 3),
+                                               "errors": dict(result.errors), "accuracy": result.accuracy}
+                    pairs.append({"round": round_index, "cli_first": cli_first, **sides})
+                    cli, stream = sides["cli"], sides["stream"]
+                    print(f"  client-bulk round {round_index}: CLI {cli['throughput']:.0f} img/s "
+                          f"({cli['images']:,} in {cli['seconds']:.1f} s, {cli['failed']} failed, exit "
+                          f"{cli['exit_code']}); stream {stream['throughput']:.0f} img/s: "
+                          f"{cli['throughput'] / stream['throughput']:.0%}", flush=True)
+        finally:
+            self._record_server("client-bulk", server, final=True)
+            server.stop()
+        self.results["client_bulk"] = {"rounds": rounds, "images": count, "concurrency": concurrency,
+                                       "stream_seconds": self.plan.duration_s, "pairs": pairs}
+
     # --- bookkeeping ---------------------------------------------------------------------------
 
     def _v2_messages(self):
@@ -530,7 +577,7 @@ class Bench:
         began = time.perf_counter()
         steps = [("limit", self.limits), ("startup", self.startup), ("ours", self.ours),
                  ("limit-after-rows", self.limit_after_rows), ("naive-raw", self.naive), ("int8-raw", self.int8),
-                 ("shadow", self.shadow), ("trust", self.trust)]
+                 ("shadow", self.shadow), ("trust", self.trust), ("client-bulk", self.client_bulk)]
         for name, step in steps:
             if name not in self.skip:
                 print(f"== {name}", flush=True)

@@ -18,7 +18,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.client import add_connection_arguments, channel_to, token_metadata
+from serving.client.connection import add_connection_arguments, channel_to, token_metadata
 from serving.config import ServerConfig, env_name
 
 HEALTHY = 0

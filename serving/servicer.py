@@ -20,7 +20,7 @@ from serving.repository import ModelRepository, Routed, VersionState
 from serving.repository_config import RepositoryConfig
 from serving.service import Classification, InferenceCore, check_top_k
 from serving.trust import check_threshold
-from serving.status import rpc_status, status_of
+from serving.status import retry_after_ms_of, rpc_status, status_of
 from serving.wire import CorruptMessage, parsed
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 if reason == "internal":
                     log.exception("stream message %s failed", call.request_id)
                 self.calls.count_rejection(reason, PROTOCOL, code)
-                return pb.ClassifyStreamResponse(error=rpc_status(code, message), request_id=call.request_id), 0
+                return pb.ClassifyStreamResponse(error=rpc_status(code, message, retry_after_ms_of(exc)),
+                                                 request_id=call.request_id), 0
 
         async for response in self.calls.ordered_stream(stream_call, request_iterator, one):
             yield response

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
@@ -66,6 +67,19 @@ def test_a_full_queue_answers_resource_exhausted_at_once_with_a_retry_hint(start
     assert dict(err.value.trailing_metadata())[RETRY_AFTER_KEY].isdigit()
     assert len(waiting.result().results) == 6  # the accepted request is still answered
     assert srv.metric("classifier_rejected_requests_total", reason="queue_full") == 1
+
+
+def test_a_stream_message_refused_by_a_full_queue_carries_the_retry_hint_as_retry_info(start_server):
+    """A stream message has no metadata of its own: its status carries google.rpc.RetryInfo instead."""
+    srv = start_server("--max-batch-size", "1", "--max-queue-size", "1")  # one running, one waiting
+    answers = list(srv.stub.ClassifyStream(iter([single()] * 32), timeout=30))
+    assert len(answers) == 32
+    refused = [answer.error for answer in answers if answer.error.code]
+    assert refused and {error.code for error in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
+    for error in refused:
+        (detail,) = error.details
+        info = error_details_pb2.RetryInfo()
+        assert detail.Unpack(info) and info.retry_delay.ToMilliseconds() > 0
 
 
 def test_a_cancelled_request_frees_its_queue_slot(start_server):

@@ -6,6 +6,7 @@ Run with `make bench-test` (not part of `make test`: they time things and the pe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -366,3 +367,36 @@ def test_the_shadow_target_is_the_median_of_the_paired_p50_ratios():
     assert not report.targets(results)[0]["met"]
     assert "| 16 | 0 | shadowed | 22.00 | 20.00 | 1.100 | 500.0 | 500.0 | 40 | load 10 | 0 |" in \
         report.shadow_table(results)
+
+
+def test_the_client_bulk_row_runs_the_cli_on_png_files_beside_the_stream_load(tmp_path):
+    bench = Bench(parse_args(["--mode", "quick", "--out", str(tmp_path), "--threads", "1", "--no-progress"]))
+    bench.plan = dataclasses.replace(bench.plan, client_images=IMAGES, duration_s=1.0)
+    bench.work.mkdir(parents=True)
+    bench.client_bulk()
+    bulk = bench.results["client_bulk"]
+    (pair,) = bulk["pairs"]  # quick mode: one round
+    assert (bulk["images"], bulk["concurrency"]) == (IMAGES, 64)
+    cli, stream = pair["cli"], pair["stream"]
+    assert (cli["images"], cli["failed"], cli["exit_code"]) == (IMAGES, 0, 0)
+    assert cli["accuracy"] > 0.5 and cli["throughput"] > 0 and cli["client_cpu_ms_per_image"] > 0
+    assert stream["errors"] == {} and stream["throughput"] > 0
+
+
+def client_pair(cli_throughput: float, failed: int = 0) -> dict:
+    return {"round": 0, "cli_first": True,
+            "cli": {"images": 10_000, "seconds": 20.0, "throughput": cli_throughput, "failed": failed, "exit_code": 0,
+                    "accuracy": 0.9, "client_cpu_ms_per_image": 0.4},
+            "stream": {"throughput": 500.0, "p50_ms": 100.0, "errors": {}, "accuracy": 0.9}}
+
+
+def test_the_client_target_is_the_median_share_of_the_stream_load_with_no_image_failed():
+    results = {"client_bulk": {"rounds": 3, "images": 10_000, "concurrency": 64, "stream_seconds": 15.0,
+                               "pairs": [client_pair(460.0), client_pair(430.0), client_pair(470.0)]}}  # 92, 86, 94%
+    (target,) = report.targets(results)
+    assert target["met"] and target["measured"] == "median of 3 paired rounds 92% (92%, 86%, 94%)"
+    results["client_bulk"]["pairs"][0] = client_pair(440.0)  # 88, 86, 94% -> 88%
+    assert not report.targets(results)[0]["met"]
+    results["client_bulk"]["pairs"][0] = client_pair(480.0, failed=1)  # fast, but one image failed
+    assert not report.targets(results)[0]["met"]
+    assert "| 0 | CLI | 20.00 | 480.0 | 1 | 0.400 | 90.0% | 500.0 | 96% | 0 |" in report.client_table(results)
