@@ -189,11 +189,12 @@ def with_exportable_gelu(model: keras.Model) -> keras.Model:
     return model
 
 
-def _whitened_block(x, filters: int, index: int):
+def _whitened_block(x, filters: int, index: int, norm_momentum: float):
     """conv - pool - BN - GELU - conv - BN - GELU; BN without a learned scale (GELU after it
-    makes a scale redundant with the next conv), with airbench's fast-moving statistics."""
+    makes a scale redundant with the next conv). `norm_momentum`: Keras's, i.e. the share of the
+    running statistics kept at each step (airbench94's short runs use 0.6, fast-moving)."""
     def norm(name: str):
-        return layers.BatchNormalization(momentum=0.6, epsilon=1e-12, scale=False, name=name)
+        return layers.BatchNormalization(momentum=norm_momentum, epsilon=1e-12, scale=False, name=name)
 
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity(),
                       name=f"block{index}_conv1")(x)
@@ -206,7 +207,8 @@ def _whitened_block(x, filters: int, index: int):
     return layers.Activation(gelu, name=f"block{index}")(x)
 
 
-def whitened_net(widths: tuple[int, int, int] = (64, 256, 256), logit_scale: float = 1 / 9) -> keras.Model:
+def whitened_net(widths: tuple[int, int, int] = (64, 256, 256), logit_scale: float = 1 / 9,
+                 norm_momentum: float = 0.6) -> keras.Model:
     """airbench94's network shape: frozen 2x2 patch whitening, three conv blocks, global max
     pooling, one dense layer without bias, logits scaled down. Call `PatchWhitening.set_kernel`
     (training.train does) before training: the kernel starts at zero."""
@@ -214,7 +216,7 @@ def whitened_net(widths: tuple[int, int, int] = (64, 256, 256), logit_scale: flo
     x = PatchWhitening(2 * WHITENING_PATCH * WHITENING_PATCH * 3, name="whiten")(x)
     x = layers.Activation(gelu, name="whiten_act")(x)
     for index, filters in enumerate(widths, start=1):
-        x = _whitened_block(x, filters, index)
+        x = _whitened_block(x, filters, index, norm_momentum)
     x = layers.GlobalMaxPooling2D(name=FEATURES_NAME)(x)
     x = layers.Dense(10, use_bias=False, kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"),
                      name="head")(x)

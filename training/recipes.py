@@ -35,6 +35,7 @@ class Recipe:
     final_fraction: float = 0.0  # grouped: the schedule's last value, as a fraction of the peak
     whiten_bias_epochs: int = 0
     lookahead: bool = False
+    norm_momentum: float = 0.6  # whitened: Keras BatchNormalization momentum (airbench94: 0.6; PyTorch's default: 0.9)
     validation_size: int = 5_000
     seed: int = 20261125
 
@@ -51,11 +52,18 @@ class Recipe:
 # batch 1024; the mean-loss learning rate 1.5 is its 11.5 per 1,024 examples over (1 + 1 / (1 - 0.85));
 # the L2 coefficient makes lr x wd its 0.0153 x 1024 / 7850.7 = 2.0e-3 decay per step (wd/64 on the
 # BatchNorm biases, whose rate is 64x); label smoothing 0.2; 2-px translation, alternating flips; the
-# schedule from 0.2x up to the peak at 23% of the steps, then down to 0.07x.
+# schedule from 0.2x up to the peak at 23% of the steps, then down to 0.07x. Right for ~10 epochs.
 WHITENED = dict(architecture="whitened", widths=(64, 256, 256), batch_size=1024, peak_learning_rate=1.5,
                 warmup_fraction=0.23, warmup_start=0.2, final_fraction=0.07, momentum=0.85, weight_decay=1.3305e-3, label_smoothing=0.2,
                 translate=2, flip="alternating", optimizer="grouped", lr_scale=64.0, whiten_bias_epochs=3,
                 lookahead=True)
+
+# The same network trained 4x longer overfits with that: 40 epochs reached 90.90% validation with
+# 99.9% training accuracy (bench/NOTES.md). For long runs, airbench96's regularisation: 4-px
+# translation, 12-px cutout, weight decay 0.012 per 1,024 examples (lr x wd = 1.56e-3 a step),
+# BatchNorm statistics at PyTorch's default pace, warm-up over 10% of the steps, then down to 0.
+WHITENED_LONG = {**WHITENED, "translate": 4, "cutout": 12, "weight_decay": 1.0435e-3, "warmup_fraction": 0.1,
+                 "final_fraction": 0.0, "norm_momentum": 0.9}
 
 RECIPES: dict[str, Recipe] = {
     # The classic tutorial CNN: minutes on a laptop; for teaching and tests.
@@ -64,9 +72,11 @@ RECIPES: dict[str, Recipe] = {
     # Target >= 90% test accuracy in <= 30 min on 2 CPU cores: the default's network and training, 9 epochs
     # (7 epochs gave 88.6% validation).
     "fast": Recipe("fast", epochs=9, **WHITENED),
-    # The shipped cifar10 v2: airbench94's network and training on a 4x longer schedule instead of
-    # its test-time augmentation (which would double the cost per image). ~220 s an epoch here.
-    "default": Recipe("default", epochs=40, **WHITENED),
+    # The shipped cifar10 v2: airbench94's network on a 4x longer schedule instead of its test-time
+    # augmentation (which would double the cost per image), regularised for it. ~150 s an epoch here.
+    "default": Recipe("default", epochs=40, **WHITENED_LONG),
+    # The first 40-epoch run: airbench94's short-run training as it is (90.90% validation, overfit).
+    "whitened-40": Recipe("whitened-40", epochs=40, **WHITENED),
     # cifar10 v1's second network (run default-wd): 89.59% test (val 90.2%) in ~82 min.
     "resnet9": Recipe("resnet9", "resnet9", width=32, epochs=24),
     # Cutout against the train/test gap and a longer schedule: 90.07% test alone (val 91.0%) in

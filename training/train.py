@@ -153,7 +153,7 @@ def build_model(recipe: Recipe, train_images: np.ndarray) -> keras.Model:
     if recipe.architecture == "resnet9":
         return resnet9(width=recipe.width)
     if recipe.architecture == "whitened":
-        model = whitened_net(recipe.widths)
+        model = whitened_net(recipe.widths, norm_momentum=recipe.norm_momentum)
         sample = train_images[:WHITENING_IMAGES].astype("float32")
         model.get_layer("whiten").set_kernel(whitening_kernel((sample - CIFAR10_MEAN) / CIFAR10_STD))
         return model
