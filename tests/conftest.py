@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import Image
 
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from serving.proto.cifar10.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from serving.trust import Calibration
 from tests.harness import REPO_ROOT, SHIPPED_MODELS, free_port  # noqa: F401 - test modules import them from here
 from tests.harness import ServedProcess, copy_of_shipped_models, started_processes
 from tests.containers import Engine, built, engines, usable_engine
@@ -106,6 +108,13 @@ def png_image(pixels: np.ndarray) -> pb.Image:
 def raw_image(pixels: np.ndarray) -> pb.Image:
     h, w, c = pixels.shape
     return pb.Image(raw=pb.RawPixels(data=pixels.tobytes(), height=h, width=w, channels=c))
+
+
+def calibrated_as_served(version_dir: Path, probabilities: np.ndarray) -> np.ndarray:
+    """A version's graph probabilities as the server answers with them: calibrated as its card
+    says (vector scaling, unlike a temperature, can move the argmax of a close call)."""
+    card = json.loads((version_dir / "model_card.json").read_text())
+    return Calibration.from_card(card.get("calibration"), probabilities.shape[1]).apply(probabilities)
 
 
 def run_python(*args: str) -> subprocess.CompletedProcess:

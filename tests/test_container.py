@@ -25,8 +25,7 @@ import yaml
 
 from serving.config import ServerConfig
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
-from serving.trust import Calibration
-from tests.conftest import REPO_ROOT, SHIPPED_MODELS, png_image
+from tests.conftest import REPO_ROOT, SHIPPED_MODELS, calibrated_as_served, png_image
 from tests.containers import Container, Engine
 from tests.test_deploy import COMPOSE_FILE, container_of, objects
 from tests.test_model_repository import publish
@@ -80,16 +79,13 @@ def served(container_engine, built_cpu_image, deployment_flags):
 
 
 def in_process_top1(model: str, version: int | str, images: np.ndarray) -> list[int]:
-    """The argmax of output 0 of models/<model>/<version>/model.onnx, run here, after the card's
-    calibration: the server answers with calibrated probabilities, and vector scaling (unlike a
-    temperature) can move the argmax of an image whose top two classes are close."""
+    """The argmax of output 0 of models/<model>/<version>/model.onnx, run here and calibrated as
+    the server calibrates it."""
     version_dir = SHIPPED_MODELS / model / str(version)
     session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     output = session.get_outputs()[0].name
     (probabilities,) = session.run([output], {session.get_inputs()[0].name: images})
-    card = json.loads((version_dir / "model_card.json").read_text())
-    calibrated = Calibration.from_card(card.get("calibration"), probabilities.shape[1]).apply(probabilities)
-    return calibrated.argmax(axis=1).tolist()
+    return calibrated_as_served(version_dir, probabilities).argmax(axis=1).tolist()
 
 
 def process_status(container: Container) -> dict[str, str]:

@@ -24,8 +24,8 @@ from grpc_health.v1 import health_pb2
 from serving.proto.cifar10.classifier.v1 import classifier_pb2 as pb
 from serving.proto.inference import grpc_service_pb2 as v2
 from serving.proto.inference import grpc_service_pb2_grpc as v2_grpc
-from serving.trust import Calibration
-from tests.conftest import REPO_ROOT, SHIPPED_MODELS, ServerProcess, copy_of_shipped_models, encode, raw_image
+from tests.conftest import (REPO_ROOT, SHIPPED_MODELS, ServerProcess, calibrated_as_served, copy_of_shipped_models,
+                            encode, raw_image)
 from tests.test_model_repository import PIXELS, Hammer, classify, publish, states, wait_for
 
 INT8 = SHIPPED_MODELS / "cifar10-int8" / "1"
@@ -196,8 +196,7 @@ def offline_top1(version_dir: Path, images: np.ndarray) -> tuple[np.ndarray, np.
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
     probabilities = np.concatenate([session.run(None, {"images": images[i:i + 1]})[0] for i in range(len(images))])
-    card = json.loads((version_dir / "model_card.json").read_text())
-    probabilities = Calibration.from_card(card.get("calibration"), probabilities.shape[1]).apply(probabilities)
+    probabilities = calibrated_as_served(version_dir, probabilities)
     return probabilities.argmax(axis=1), probabilities.max(axis=1)
 
 
