@@ -124,8 +124,15 @@ def started_processes(make: Callable[..., P]) -> Iterator[Callable[..., P]]:
         proc.stop()
 
 
-def copy_of_shipped_models(tmp_path: Path) -> Path:
-    """A private copy of models/, to add, change, break and remove versions in."""
+def copy_of_shipped_models(tmp_path: Path, versions: frozenset[int] | None = None) -> Path:
+    """A private copy of models/, to add, change, break and remove versions in: every version, or
+    only `versions` of each model (with the repository's own config files)."""
     repo = tmp_path / "models"
-    shutil.copytree(SHIPPED_MODELS, repo)
+
+    def left_out(directory: str, names: list[str]) -> set[str]:
+        if versions is None or Path(directory).parent != SHIPPED_MODELS:
+            return set()
+        return {name for name in names if name.isdigit() and int(name) not in versions}
+
+    shutil.copytree(SHIPPED_MODELS, repo, ignore=left_out)
     return repo

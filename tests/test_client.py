@@ -155,7 +155,7 @@ def test_explain_through_the_api(server, png_files):
         top1 = classifier.classify(png_files[0]).label
     assert explanation.method == "occlusion" and explanation.target_label == top1
     assert explanation.heatmap.shape == (32, 32) and 0 <= explanation.heatmap.min() <= explanation.heatmap.max() <= 1
-    assert {fm.layer: fm.values.ndim for fm in explanation.feature_maps} == {"relu1": 3, "relu6": 3}
+    assert {fm.layer: fm.values.ndim for fm in explanation.feature_maps} == {"block1": 3, "block2": 3}
     assert explanation.heatmap_png.startswith(b"\x89PNG")
 
 

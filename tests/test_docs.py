@@ -5,7 +5,7 @@ What is checked, in README.md and every docs/*.md:
 - **make targets**: every `make TARGET` in code (inline or fenced) is a target of the Makefile.
 - **flags**: on a command line that runs one of our CLIs (`python -m serving`, `serving.client`
   and its `explain` subcommand, `serving.healthcheck`, `training.*`, `bench`, `tests.*`; a
-  repository script `python path/to/script.py`; `make serve|train|train-fast|average|export|
+  repository script `python path/to/script.py`; `make serve|train|train-fast|average|export|cost|
   evaluate ARGS="..."`, `BENCH_ARGS`, `BENCH_SERVER_FLAGS`), every `--flag` must be one that CLI
   takes: the options listed by its `--help` usage (a script's: its `add_argument` literals).
   Anywhere else (prose, inline code, code lines of no CLI of ours), a `--flag` must be an option
@@ -63,7 +63,8 @@ BLOCK_TIMEOUT_S = 60
 
 # `make TARGET ARGS="..."`: the CLI the target runs, which the flags in ARGS go to.
 MAKE_ARGS_GO_TO = {"serve": "serving", "train": "training.train", "train-fast": "training.train",
-                   "average": "training.average", "export": "training.export", "evaluate": "training.evaluate"}
+                   "average": "training.average", "export": "training.export", "evaluate": "training.evaluate",
+                   "cost": "training.cost"}
 MAKE_VARIABLES_WITH_FLAGS = {"BENCH_ARGS": "bench", "BENCH_SERVER_FLAGS": "serving"}
 CONSOLE_SCRIPTS = {"cifar10-serve": "serving", "cifar10-classify": "serving.client"}  # pyproject.toml
 OUR_PACKAGES = ("serving", "training", "bench", "tests", "tools")

@@ -23,6 +23,13 @@ from training.data import CLASS_NAMES
 
 OCCLUSION, GRAD_CAM = pb.EXPLAIN_METHOD_OCCLUSION, pb.EXPLAIN_METHOD_GRAD_CAM
 FAITHFULNESS_MARGIN = 0.10
+GELU_MINIMUM = -0.1700  # the whitened net's blocks end in GELU, whose least value is -0.16997
+# What each shipped version offers: its methods, and its two default layers with their shapes.
+# v1 (a ResNet-9 ensemble) and the int8 copies have no explain graph, so occlusion only.
+V1_LAYERS = {"relu1": [32, 32, 32], "relu6": [8, 8, 256]}  # the first conv block, a deeper one; after ReLU
+V2_LAYERS = {"block1": [15, 15, 64], "block2": [7, 7, 256]}  # the first two blocks, after GELU and pooling
+SHIPPED_EXPLAINERS = {("cifar10", 1): ([OCCLUSION], V1_LAYERS), ("cifar10-int8", 1): ([OCCLUSION], V1_LAYERS),
+                      ("cifar10", 2): ([OCCLUSION, GRAD_CAM], V2_LAYERS), ("cifar10-int8", 2): ([OCCLUSION], V2_LAYERS)}
 
 
 def explain(server, pixels: np.ndarray, **fields) -> pb.ExplainResponse:
@@ -59,32 +66,33 @@ def test_the_prediction_is_the_one_classify_gives(server, test_slice):
     assert explain(server, pixels, omit_feature_maps=True).predictions == classified.predictions
 
 
-def test_metadata_lists_the_methods_and_layers_of_each_shipped_version(server):
-    for name in (DEFAULT_MODEL, "cifar10-int8"):
-        meta = server.stub.GetModelMetadata(pb.GetModelMetadataRequest(model_name=name), timeout=30)
-        assert list(meta.explain_methods) == [OCCLUSION]  # no explain graph beside these
-        layers = {layer.name: (list(layer.shape), layer.is_default) for layer in meta.explainable_layers}
-        assert layers["relu1"] == ([32, 32, 32], True)  # the first conv block, after its ReLU
-        assert layers["relu6"] == ([8, 8, 256], True)  # a deeper block
-        assert sum(default for _, default in layers.values()) == 2
+def test_metadata_lists_the_methods_and_layers_of_each_shipped_version(start_server):
+    srv = start_server("--version-policy", "all")
+    for (name, version), (methods, default_layers) in SHIPPED_EXPLAINERS.items():
+        meta = srv.stub.GetModelMetadata(pb.GetModelMetadataRequest(model_name=name, model_version=version), timeout=30)
+        assert list(meta.explain_methods) == methods, (name, version)
+        layers = {layer.name: list(layer.shape) for layer in meta.explainable_layers}
+        defaults = {layer.name: list(layer.shape) for layer in meta.explainable_layers if layer.is_default}
+        assert defaults == default_layers and len(layers) > len(defaults), (name, version)
 
 
 def test_default_feature_maps_are_the_default_layers_as_values_and_grids(server, test_slice):
     reply = explain(server, test_slice.images[1])
-    assert [fm.layer for fm in reply.feature_maps] == ["relu1", "relu6"]
+    assert [fm.layer for fm in reply.feature_maps] == list(V2_LAYERS)
     for fm in reply.feature_maps:
-        assert len(fm.values) == int(np.prod(fm.shape))
-        assert min(fm.values) >= 0.0  # after a ReLU
+        assert len(fm.values) == int(np.prod(fm.shape)) and list(fm.shape) == V2_LAYERS[fm.layer]
+        assert min(fm.values) >= GELU_MINIMUM
         width, height = png_size(fm.png)
         assert width >= fm.shape[1] * int(np.ceil(np.sqrt(fm.shape[2]))) and height >= fm.shape[0]
 
 
 def test_explicit_target_layers_and_occlusion_grid_are_honoured(server, test_slice):
-    reply = explain(server, test_slice.images[2], target_class=9, layers=["relu3", "relu8"], top_k=2,
+    reply = explain(server, test_slice.images[2], target_class=9, layers=["whiten_act", "block3"], top_k=2,
                     occlusion=pb.OcclusionOptions(patch_size=16, stride=8))
     assert reply.target_class == 9 and reply.target_label == "truck"
     assert len(reply.predictions) == 2
-    assert [(fm.layer, list(fm.shape)) for fm in reply.feature_maps] == [("relu3", [16, 16, 64]), ("relu8", [4, 4, 256])]
+    assert [(fm.layer, list(fm.shape)) for fm in reply.feature_maps] == [("whiten_act", [31, 31, 24]),
+                                                                         ("block3", [3, 3, 256])]
     assert reply.forward_passes == 3 * 3 + 1 + 1
 
 
@@ -117,10 +125,19 @@ def test_grad_cam_cells_land_on_the_pixels_they_see():
     assert heatmap[12, 4] == 0.0 and heatmap[16, 4] == pytest.approx(0.5)
 
 
+def test_the_default_model_is_explained_by_grad_cam_in_one_pass_through_its_explain_graph(server, test_slice):
+    reply = explain(server, test_slice.images[0], method=GRAD_CAM)
+    assert (reply.model_name, reply.model_version, reply.method) == (DEFAULT_MODEL, 2, GRAD_CAM)
+    heatmap = np.array(reply.heatmap)
+    assert heatmap.shape == (1024,) and heatmap.min() >= 0.0 and heatmap.max() == pytest.approx(1.0)
+    assert reply.target_class == reply.predictions[0].class_index
+    assert [fm.layer for fm in reply.feature_maps] == list(V2_LAYERS) and reply.forward_passes == 1
+
+
 def test_the_int8_model_is_explained_by_occlusion_too(server, test_slice):
     reply = explain(server, test_slice.images[0], model_name="cifar10-int8")
     assert reply.model_name == "cifar10-int8" and reply.method == OCCLUSION
-    assert len(reply.heatmap) == 1024 and [fm.layer for fm in reply.feature_maps] == ["relu1", "relu6"]
+    assert len(reply.heatmap) == 1024 and [fm.layer for fm in reply.feature_maps] == list(V2_LAYERS)
 
 
 def test_deletion_of_the_most_salient_pixels_beats_another_images_heatmap(server, data_dir):
@@ -135,10 +152,11 @@ def test_deletion_of_the_most_salient_pixels_beats_another_images_heatmap(server
 
 
 @pytest.mark.parametrize("fields,status,words", [
-    ({"method": GRAD_CAM}, grpc.StatusCode.INVALID_ARGUMENT, "does not offer grad_cam explanations (it offers: occlusion)"),
+    ({"method": GRAD_CAM, "model_name": "cifar10-int8"}, grpc.StatusCode.INVALID_ARGUMENT,
+     "does not offer grad_cam explanations (it offers: occlusion)"),
     ({"method": 7}, grpc.StatusCode.INVALID_ARGUMENT, "method 7 is not an ExplainMethod"),
     ({"target_class": 10}, grpc.StatusCode.INVALID_ARGUMENT, "target_class is 10, expected 0..9"),
-    ({"layers": ["conv9"]}, grpc.StatusCode.INVALID_ARGUMENT, "no layer 'conv9' in cifar10 v1 (layers: relu1, relu2"),
+    ({"layers": ["conv9"]}, grpc.StatusCode.INVALID_ARGUMENT, "no layer 'conv9' in cifar10 v2 (layers: whiten_act, block1"),
     ({"occlusion": pb.OcclusionOptions(patch_size=33)}, grpc.StatusCode.INVALID_ARGUMENT, "patch_size is 33, expected 1..32"),
     ({"occlusion": pb.OcclusionOptions(patch_size=4, stride=8)}, grpc.StatusCode.INVALID_ARGUMENT, "stride is 8, expected 1..patch_size (4)"),
     ({"occlusion": pb.OcclusionOptions(patch_size=2, stride=1)}, grpc.StatusCode.INVALID_ARGUMENT, "needs 961 forward passes, over the limit of 256"),
@@ -163,7 +181,7 @@ def test_explain_calls_are_counted_and_logged_like_every_rpc(start_server, test_
         "classifier_requests_total", method="Explain", code="OK", protocol="native", model=DEFAULT_MODEL) == 1)
     assert srv.metric("classifier_request_duration_seconds_count", method="Explain", code="OK") == 1
     assert srv.metric("classifier_phase_duration_seconds_count", phase="explain", model=DEFAULT_MODEL) == 1
-    srv.wait_until("the access line", lambda: "native Explain model=cifar10 version=1 images=1 status=OK" in srv.log())
+    srv.wait_until("the access line", lambda: "native Explain model=cifar10 version=2 images=1 status=OK" in srv.log())
     assert "request_id=explain-1" in srv.log()
 
 
@@ -211,12 +229,12 @@ def test_cli_writes_the_overlay_and_a_grid_per_layer_and_bare_paths_still_classi
                           "--target", server.target], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert png_size(output.read_bytes()) == (256, 256)
-    for layer in ("relu1", "relu6"):
+    for layer in V2_LAYERS:
         assert (tmp_path / "out" / f"cat-explained-{layer}.png").exists()
     assert "by occlusion, 51 forward passes" in run.stdout
     classify = subprocess.run([sys.executable, "-m", "serving.client", str(image), "--target", server.target],
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert classify.returncode == 0 and "[cifar10 v1]" in classify.stdout, classify.stderr
+    assert classify.returncode == 0 and "[cifar10 v2]" in classify.stdout, classify.stderr
 
 
 def test_concurrent_explanations_all_get_their_own_answer(server, test_slice):

@@ -222,8 +222,10 @@ def test_the_fp32_and_int8_variants_are_served_together(server):
     fp32 = classify(server, top_k=1)
     int8 = classify(server, model_name="cifar10-int8", top_k=1)
     assert (fp32.model_name, int8.model_name) == ("cifar10", "cifar10-int8")
+    assert (fp32.model_version, int8.model_version) == (2, 2)
     listing = states(server)
-    assert listing[("cifar10-int8", 1)][0] == pb.AVAILABLE
+    assert listing[("cifar10", 2)][0] == pb.AVAILABLE
+    assert listing[("cifar10-int8", 2)][0] == pb.AVAILABLE
 
 
 def test_load_unload_cycles_do_not_grow_memory(start_server, model_repo):

@@ -185,15 +185,14 @@ class PrometheusProcess(LoggedProcess):
 
 def repository_with_broken_model(root: Path) -> Path:
     """The shipped models plus a model whose only version cannot load (garbage ONNX), and a rollout:
-    the default model's v1 and a copy as v2, labelled stable and canary, unnamed requests split
-    50/50, every answer of v1 shadowed by v2 (docs/rollouts.md)."""
+    the default model's v1 and v2 labelled stable and canary, unnamed requests split 50/50, every
+    answer of v1 shadowed by v2 (docs/rollouts.md)."""
     repo = root / "models"
     shutil.copytree(SHIPPED_MODELS, repo)
     broken = repo / BROKEN_MODEL / "1"
     broken.mkdir(parents=True)
     (broken / "model.onnx").write_bytes(b"this is not an onnx model")
     shutil.copy(next((SHIPPED_MODELS / DEFAULT_MODEL).glob("*/model_card.json")), broken / "model_card.json")
-    shutil.copytree(repo / DEFAULT_MODEL / "1", repo / DEFAULT_MODEL / "2")
     rollout = {"labels": {"stable": 1, "canary": 2}, "traffic": {"stable": 50, "canary": 50},
                "shadow": {"version": "canary", "percent": 100}}
     (repo / "repository.json").write_text(json.dumps({"models": {DEFAULT_MODEL: rollout}}))

@@ -1,8 +1,9 @@
 """Safe rollouts through the real server: version labels, the weighted split (sticky per request
 id), shadow traffic and its agreement metrics, and a config that is wrong never taking effect.
 
-Repositories are private copies of models/ with version 2 published beside version 1: a copy of
-v1, or, where two versions must disagree, the int8 model's file (cifar10-int8 v1) as cifar10 v2.
+The module-wide servers run on a private copy of models/ as shipped: cifar10 v1 and v2. A test
+that adds versions starts from v1 alone (the `model_repo` fixture) and publishes its own version 2:
+a copy of v1, or, where the two must disagree, the int8 model's file (cifar10-int8 v1).
 """
 
 from __future__ import annotations
@@ -61,9 +62,7 @@ def versions_of(responses) -> dict[int, int]:
 
 @pytest.fixture(scope="module")
 def two_version_repo(tmp_path_factory) -> Path:
-    repo = copy_of_shipped_models(tmp_path_factory.mktemp("rollouts"))
-    publish(repo, "cifar10", 2)
-    return repo
+    return copy_of_shipped_models(tmp_path_factory.mktemp("rollouts"))
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +278,6 @@ def test_the_walkthrough_takes_v2_from_shadow_to_canary_to_stable_and_back(start
 def guarded(tmp_path_factory):
     """A server whose config each test breaks, then restores: stable=v1, canary=v2, 90/10."""
     repo = copy_of_shipped_models(tmp_path_factory.mktemp("guarded"))
-    publish(repo, "cifar10", 2)
     good = dict(**STABLE_AND_CANARY, traffic={"stable": 90, "canary": 10})
     write_config(repo, **good)
     proc = ServerProcess(repository=repo)

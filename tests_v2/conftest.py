@@ -61,8 +61,9 @@ def start_server():
 
 @pytest.fixture
 def model_repo(tmp_path) -> Path:
-    """A private copy of the shipped repository, to add, break and remove versions in."""
-    return copy_of_shipped_models(tmp_path)
+    """A private copy of the shipped repository's version 1 of each model: the tests publish, break
+    and remove later versions themselves (a copy of v1 as version 2, say)."""
+    return copy_of_shipped_models(tmp_path, versions=frozenset({1}))
 
 
 @pytest.fixture(scope="session")

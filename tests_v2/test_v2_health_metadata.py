@@ -20,7 +20,7 @@ def test_server_metadata_names_the_server_and_its_extensions(server):
 
 def test_model_is_ready_by_name_and_by_explicit_version(server):
     assert server.client.is_model_ready(MODEL)
-    assert server.client.is_model_ready(MODEL, model_version="1")
+    assert server.client.is_model_ready(MODEL, model_version="2")
 
 
 def test_model_ready_is_false_for_an_unknown_model_or_version(server):
@@ -31,7 +31,7 @@ def test_model_ready_is_false_for_an_unknown_model_or_version(server):
 def test_model_metadata_reports_uint8_images_in_and_probabilities_and_unsure_out(metadata):
     assert metadata.name == MODEL
     assert metadata.platform == "onnxruntime_onnx"
-    assert metadata.versions == ["1"]
+    assert metadata.versions == ["2"]  # the newest; `make serve` loads only that one
     (tensor_in,) = metadata.inputs
     tensor_out, score, flag = metadata.outputs
     assert (tensor_in.datatype, list(tensor_in.shape)) == ("UINT8", [-1, 32, 32, 3])
@@ -41,13 +41,15 @@ def test_model_metadata_reports_uint8_images_in_and_probabilities_and_unsure_out
                                                                            ("unsure", "BOOL", [-1])]
 
 
-def test_model_metadata_of_an_explicit_version_lists_only_that_version(server):
-    assert server.client.get_model_metadata(MODEL, model_version="1").versions == ["1"]
+def test_model_metadata_of_an_explicit_version_lists_only_that_version(start_server):
+    both = start_server("--version-policy", "all")
+    assert both.client.get_model_metadata(MODEL).versions == ["1", "2"]
+    assert both.client.get_model_metadata(MODEL, model_version="1").versions == ["1"]
 
 
 def test_repository_index_lists_every_version_with_its_state(server):
     index = server.client.get_model_repository_index()
     entries = {(m.name, m.version): m.state for m in index.models}
-    assert entries[(MODEL, "1")] == "READY"
+    assert entries[(MODEL, "2")] == "READY"
     assert all(version.isdigit() for _, version in entries)
     assert set(entries.values()) <= {"READY", "LOADING", "UNLOADING", "UNAVAILABLE"}

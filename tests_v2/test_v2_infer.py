@@ -95,12 +95,13 @@ def test_batch_of_max_images_per_request_is_classified_in_one_call(start_server,
 
 def test_answer_echoes_the_request_id_and_names_the_version(server, metadata, test_slice):
     response = infer(server, metadata, test_slice.images[:1], request_id="req-42").get_response()
-    assert (response.id, response.model_name, response.model_version) == ("req-42", MODEL, "1")
+    assert (response.id, response.model_name, response.model_version) == ("req-42", MODEL, "2")  # the newest
 
 
-def test_explicit_model_version_is_served(server, metadata, test_slice):
-    response = infer(server, metadata, test_slice.images[:1], model_version="1").get_response()
-    assert response.model_version == "1"
+def test_an_explicit_model_version_is_served_beside_the_newest(start_server, metadata, test_slice):
+    both = start_server("--version-policy", "all")
+    assert infer(both, metadata, test_slice.images[:1], model_version="1").get_response().model_version == "1"
+    assert infer(both, metadata, test_slice.images[:1]).get_response().model_version == "2"
 
 
 class StreamResults:

@@ -15,9 +15,9 @@ from tests_v2.conftest import MODEL, SHIPPED_MODELS, V2Server, expect_error, ima
 
 @pytest.fixture(scope="module")
 def broken_server(tmp_path_factory):
-    """A repository whose only model's file is corrupt: live, never ready."""
+    """A repository whose only model has one version, with a corrupt file: live, never ready."""
     repo = tmp_path_factory.mktemp("broken") / "models"
-    shutil.copytree(SHIPPED_MODELS / MODEL, repo / MODEL)
+    shutil.copytree(SHIPPED_MODELS / MODEL / "1", repo / MODEL / "1")
     (repo / MODEL / "1" / "model.onnx").write_bytes(b"not an onnx file")
     proc = V2Server(repository=repo, wait_ready=False)
     proc.wait_until("the broken version UNAVAILABLE", lambda: any(
