@@ -8,12 +8,18 @@ The queue is bounded in images: a full queue refuses at once (Overloaded).
 
 Background work (shadow copies of other versions' traffic) waits in a lane of its own: it runs
 only when no request is queued, never shares a batch with one, counts against no queue bound
-(its sender bounds it) and, when the batcher closes, is refused rather than drained.
+(its sender bounds it) and, when the batcher closes, is refused rather than drained. Given a
+`background_run` (a single-threaded session that does not spin-wait, serving.runtime), it runs on
+a thread of its own at the lowest CPU priority (nice 19), so that the kernel gives it what the
+answering versions leave idle rather than a share of their cores: on 2 cores, shadow copies run
+at normal priority beside a saturated primary cost its callers 1.3-1.5x their p50
+(bench/NOTES.md).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -70,6 +76,15 @@ class _Pending:
     background: bool = False
 
 
+def lower_priority_of_this_thread() -> None:
+    """nice 19 for the calling thread only (on Linux a thread is a task with a nice value of its
+    own); where that is refused or unknown, the thread keeps the process's priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError) as exc:
+        log.info("background work runs at normal priority: %s", exc)
+
+
 class DynamicBatcher:
     def __init__(
         self,
@@ -79,8 +94,10 @@ class DynamicBatcher:
         max_queue_images: int,
         observer: BatchObserver | None = None,
         name: str = "model",
+        background_run: Callable[[np.ndarray], Rows] | None = None,
     ):
         self._run = run
+        self._background_run = background_run
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_images = max_queue_images
@@ -91,8 +108,10 @@ class DynamicBatcher:
         self._running = False  # a batch is in onnxruntime now
         self._cond = threading.Condition()
         self._closing = False
-        self._worker = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._worker.start()
+        self._name = name
+        self._workers = [threading.Thread(target=self._loop, args=(self._take_batch, run), name=f"batcher-{name}",
+                                          daemon=True)]
+        self._workers[0].start()
 
     @property
     def queued_images(self) -> int:
@@ -112,8 +131,10 @@ class DynamicBatcher:
             if self._closing:
                 raise ShuttingDown("the model version is being unloaded or the server is shutting down; retry")
             if background:
+                if self._background_run is not None and len(self._workers) == 1:
+                    self._start_background_thread()
                 self._background.append(_Pending(images, future, deadline, time.monotonic(), background=True))
-                self._cond.notify()
+                self._cond.notify_all()  # the background thread may be the one waiting
                 return future
             if self._queued_images + count > self.max_queue_images:
                 raise Overloaded(
@@ -124,7 +145,7 @@ class DynamicBatcher:
             self._queue.append(item)
             self._queued_images += count
             depth = self._queued_images
-            self._cond.notify()
+            self._cond.notify_all()  # not only the background thread
         self._observer.queue_depth(depth)
         future.add_done_callback(lambda f, item=item: self._forget_if_cancelled(f, item))
         return future
@@ -140,6 +161,8 @@ class DynamicBatcher:
                 return  # already taken by the worker
             self._queued_images -= len(item.images)
             depth = self._queued_images
+            if not self._queue and self._background:
+                self._cond.notify_all()  # the background thread waits for an empty queue
         self._observer.queue_depth(depth)
         self._observer.dropped("cancelled", 1)
 
@@ -151,12 +174,15 @@ class DynamicBatcher:
             self._cond.notify_all()
         for item in refused:
             item.future.set_exception(ShuttingDown("the model version is being unloaded"))
-        self._worker.join(timeout)
+        with self._cond:
+            workers = list(self._workers)
+        for worker in workers:
+            worker.join(timeout)
 
     def _take_batch(self) -> list[_Pending] | None:
         with self._cond:
             while not self._queue:
-                if self._background:  # only background work waits: up to a batch of it
+                if self._background and self._background_run is None:  # only background work waits: up to a batch of it
                     return self._pop_batch(self._background)[0]
                 if self._closing:
                     return None
@@ -173,6 +199,8 @@ class DynamicBatcher:
             batch, size = self._pop_batch(self._queue)
             self._queued_images -= size
             depth = self._queued_images
+            if not self._queue and self._background:
+                self._cond.notify_all()  # the background thread waits for an empty queue
         self._observer.queue_depth(depth)
         return batch
 
@@ -187,9 +215,29 @@ class DynamicBatcher:
             size += len(item.images)
         return batch, size
 
-    def _loop(self) -> None:
+    def _start_background_thread(self) -> None:
+        """At the first background work (the caller holds the lock): most versions are never a shadow."""
+        worker = threading.Thread(target=self._background_loop, args=(self._background_run,),
+                                  name=f"batcher-{self._name}-background", daemon=True)
+        self._workers.append(worker)
+        worker.start()
+
+    def _take_background(self) -> list[_Pending] | None:
+        """For the background thread: up to a batch of background work, once no request waits."""
+        with self._cond:
+            while not self._background or self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            return self._pop_batch(self._background)[0]
+
+    def _background_loop(self, run: Callable[[np.ndarray], Rows]) -> None:
+        lower_priority_of_this_thread()
+        self._loop(self._take_background, run)
+
+    def _loop(self, take: Callable[[], list[_Pending] | None], run: Callable[[np.ndarray], Rows]) -> None:
         while True:
-            batch = self._take_batch()
+            batch = take()
             if batch is None:
                 return
             now = time.monotonic()
@@ -206,25 +254,29 @@ class DynamicBatcher:
                 else:
                     live.append(item)
             if live:
-                self._execute(live, now)
+                self._execute(live, now, run)
 
-    def _compute(self, images: np.ndarray) -> Rows:
-        """The runtime call(s); `busy` meanwhile, and no longer by the time the callers get answers."""
-        self._running = True
+    def _compute(self, images: np.ndarray, run: Callable[[np.ndarray], Rows]) -> Rows:
+        """The runtime call(s); `busy` meanwhile (for the callers' work: the background thread's
+        runs leave it alone), and no longer by the time the callers get answers."""
+        foreground = run is self._run
+        if foreground:
+            self._running = True
         try:
             if len(images) <= self.max_batch_size:
-                return self._run(images)
+                return run(images)
             # one oversized request: run it in max-size chunks
-            chunks = [self._run(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
+            chunks = [run(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
             return tuple(np.concatenate(parts) for parts in zip(*chunks))
         finally:
-            self._running = False
+            if foreground:
+                self._running = False
 
-    def _execute(self, batch: list[_Pending], started: float) -> None:
+    def _execute(self, batch: list[_Pending], started: float, run: Callable[[np.ndarray], Rows]) -> None:
         images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
         try:
             t0 = time.perf_counter()
-            rows = self._compute(images)
+            rows = self._compute(images, run)
             inference_s = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - every waiting client must get an answer
             error = exc if isinstance(exc, InferenceFailed) else InferenceFailed("inference failed; see the server log")

@@ -450,6 +450,7 @@ class ModelRepository:
         batcher = DynamicBatcher(
             ScoredRunner(model, trust, window), self.batching.max_batch_size, self.batching.max_delay_s, self.batching.max_queue_images,
             observer=self.metrics.observer_for(name, version), name=f"{name}-v{version}",
+            background_run=ScoredRunner(model, trust, window, background=True),
         )
         served = ServedVersion(name, version, directory, VersionState.AVAILABLE, fp, model=model, batcher=batcher,
                                trust=trust, window=window)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,9 @@ class OnnxModel:
                 f"{self.card.sha256[:12]}... (corrupt or half-written file?)"
             )
         self.session = create_session(model_bytes, options)
+        self._options = options
+        self._background_session: ort.InferenceSession | None = None
+        self._background_lock = threading.Lock()
         self.providers: list[str] = self.session.get_providers()
         if options.require_gpu and not GPU_PROVIDERS.intersection(self.providers):
             raise ModelLoadError(
@@ -186,14 +190,35 @@ class OnnxModel:
         """uint8 [N, 32, 32, 3] -> float32 probabilities [N, classes], as the graph computes them."""
         return self.run_outputs(batch, [self.output.name])[0]
 
-    def run_outputs(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
-        """uint8 [N, 32, 32, 3] -> the named outputs (only those are computed and copied)."""
+    def run_outputs(self, batch: np.ndarray, names: list[str], background: bool = False) -> list[np.ndarray]:
+        """uint8 [N, 32, 32, 3] -> the named outputs (only those are computed and copied).
+        `background` (shadow copies): on a session of its own that never spin-waits."""
         try:
-            return self.session.run(names, {self.input.name: batch})
+            session = self._background() if background else self.session
+            return session.run(names, {self.input.name: batch})
+        except ModelLoadError as exc:
+            log.error("no background session for %s v%s: %s", self.name, self.version, exc)
+            raise InferenceFailed(f"the background session could not be created: {exc}") from None
         except Exception as exc:  # noqa: BLE001
             log.exception("inference failed in %s v%s", self.name, self.version)
             raise InferenceFailed("inference failed inside the model runtime; see the server log") from exc
 
+    def _background(self) -> ort.InferenceSession:
+        """The background session, created at the first background run (most versions never get
+        one): one thread, the caller's (the batcher's background thread, at the lowest priority:
+        onnxruntime's pool threads would run at normal priority), and no spin-waiting."""
+        with self._background_lock:
+            if self._background_session is None:
+                try:
+                    model_bytes = (self.directory / MODEL_FILE).read_bytes()
+                except OSError as exc:
+                    raise ModelLoadError(f"cannot read {MODEL_FILE}: {exc.strerror}") from None
+                if hashlib.sha256(model_bytes).hexdigest() != self.sha256:
+                    raise ModelLoadError(f"{MODEL_FILE} changed on disk since the version was loaded")
+                self._background_session = create_session(model_bytes, replace(self._options, intra_op_threads=1, intra_op_spinning=False))
+            return self._background_session
+
     def close(self) -> None:
         # Dropping the last reference frees the session's arena (checked by the RSS test).
         self.session = None  # type: ignore[assignment]
+        self._background_session = None

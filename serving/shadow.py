@@ -3,7 +3,8 @@ answers are compared. No gRPC here.
 
 Off the caller's path and bounded: the copy is handed over after the answer (the core schedules
 `offer` on the event loop's next turn), it waits in the shadow version's background lane (run
-only when none of that version's own requests wait), at most `max_inflight_images` images are
+only when none of that version's own requests wait, on a session of its own that does not
+spin-wait for more work once a copy is done), at most `max_inflight_images` images are
 out at once, and it is dropped first under load: while the answering version is busy (by
 default: running a batch or holding queued requests; with `drop_queue_images` N > 0: holding N
 images or more in its queue), or once it has waited longer than `max_age_s`. The comparison runs on the shadow version's batcher thread, never on the event

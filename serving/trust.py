@@ -123,13 +123,13 @@ class ScoredRunner:
     score output, if the card names one), calibrated and scored, then seen by the drift window.
     Vectorised per batch, so none of it runs on the event loop."""
 
-    def __init__(self, model: OnnxModel, trust: Trust, window: DriftWindow):
-        self._model, self._trust, self._window = model, trust, window
+    def __init__(self, model: OnnxModel, trust: Trust, window: DriftWindow, background: bool = False):
+        self._model, self._trust, self._window, self._background = model, trust, window, background
         graph_output = trust.unsure.graph_output
         self._names = [model.output.name] + ([graph_output] if graph_output else [])
 
     def __call__(self, images: np.ndarray) -> Rows:
-        outputs = self._model.run_outputs(images, self._names)
+        outputs = self._model.run_outputs(images, self._names, background=self._background)
         calibrated, scores = self._trust.apply(outputs[0], outputs[1] if len(outputs) > 1 else None)
         self._window.observe(images, calibrated, scores, self._trust.unsure.threshold)
         return calibrated, scores

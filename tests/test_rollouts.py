@@ -244,6 +244,34 @@ def test_shadow_copies_are_dropped_over_the_budget_or_under_load_and_no_caller_n
     assert hammer.errors == [] and set(hammer.versions) == {1}
 
 
+def lowest_priority_threads(pid: int) -> dict[int, int]:
+    """The process's threads at nice 19, each with the CPU time it has used (clock ticks)."""
+    threads = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": field 3 onwards
+        utime, stime, nice = int(fields[11]), int(fields[12]), int(fields[16])
+        if nice == 19:
+            threads[int(stat.parent.name)] = utime + stime
+    return threads
+
+
+def test_shadow_copies_run_on_a_thread_of_the_lowest_cpu_priority(start_server, model_repo, test_slice):
+    """Shadow work takes only the CPU that the answering version leaves idle (docs/rollouts.md)."""
+    publish(model_repo, "cifar10", 2)
+    write_config(model_repo, **STABLE_AND_CANARY, traffic={"stable": 100}, shadow={"version": "canary", "percent": 100})
+    srv = start_server(repository=model_repo)
+    assert lowest_priority_threads(srv.process.pid) == {}  # none before the first copy
+    for pixels in test_slice.images[:150]:
+        srv.stub.Classify(pb.ClassifyRequest(image=raw_image(pixels)), timeout=10)
+    # Compared or dropped: a copy that the kernel leaves waiting past its age limit is dropped as
+    # stale, as it should be on a busy machine.
+    srv.wait_until("every copy compared or dropped", lambda: srv.metric("classifier_shadow_compared_images_total")
+                   + srv.metric("classifier_shadow_dropped_images_total") >= 150, timeout=30)
+    assert srv.metric("classifier_shadow_compared_images_total") > 0
+    (cpu_ticks,) = lowest_priority_threads(srv.process.pid).values()
+    assert cpu_ticks > 0  # it is the thread that computed the copies
+
+
 # ---- the walkthrough of docs/rollouts.md ----------------------------------------------------------
 
 def test_the_walkthrough_takes_v2_from_shadow_to_canary_to_stable_and_back(start_server, model_repo, tmp_path):

@@ -20,11 +20,13 @@ def broken_server(tmp_path_factory):
     shutil.copytree(SHIPPED_MODELS / MODEL / "1", repo / MODEL / "1")
     (repo / MODEL / "1" / "model.onnx").write_bytes(b"not an onnx file")
     proc = V2Server(repository=repo, wait_ready=False)
-    proc.wait_until("the broken version UNAVAILABLE", lambda: any(
-        m.state == "UNAVAILABLE" for m in proc.client.get_model_repository_index().models),
-        retry_on=(InferenceServerException,))
-    yield proc
-    proc.stop()
+    try:
+        proc.wait_until("the broken version UNAVAILABLE", lambda: any(
+            m.state == "UNAVAILABLE" for m in proc.client.get_model_repository_index().models),
+            retry_on=(InferenceServerException,))
+        yield proc
+    finally:
+        proc.stop()
 
 
 def test_server_is_live_but_not_ready_while_the_default_model_failed(broken_server):
