@@ -8,12 +8,12 @@ The queue is bounded in images: a full queue refuses at once (Overloaded).
 
 Background work (shadow copies of other versions' traffic) waits in a lane of its own: it runs
 only when no request is queued, never shares a batch with one, counts against no queue bound
-(its sender bounds it) and, when the batcher closes, is refused rather than drained. Given a
-`background_run` (a single-threaded session that does not spin-wait, serving.runtime), it runs on
-a thread of its own at the lowest CPU priority (nice 19), so that the kernel gives it what the
-answering versions leave idle rather than a share of their cores: on 2 cores, shadow copies run
-at normal priority beside a saturated primary cost its callers 1.3-1.5x their p50
-(bench/NOTES.md).
+(its sender bounds it) and, when the batcher closes, is refused rather than drained. It runs on
+a thread of its own, started at the first background work, at the lowest CPU priority (nice 19),
+through `background_run` where one is given (serving.repository gives a single-threaded session
+that does not spin-wait), so that the kernel gives it what the answering versions leave idle
+rather than a share of their cores: on 2 cores, shadow copies run at normal priority beside a
+saturated primary cost its callers 1.3-1.5x their p50 (bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class DynamicBatcher:
         background_run: Callable[[np.ndarray], Rows] | None = None,
     ):
         self._run = run
-        self._background_run = background_run
+        self._background_run = background_run or run
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_images = max_queue_images
@@ -131,7 +131,7 @@ class DynamicBatcher:
             if self._closing:
                 raise ShuttingDown("the model version is being unloaded or the server is shutting down; retry")
             if background:
-                if self._background_run is not None and len(self._workers) == 1:
+                if len(self._workers) == 1:
                     self._start_background_thread()
                 self._background.append(_Pending(images, future, deadline, time.monotonic(), background=True))
                 self._cond.notify_all()  # the background thread may be the one waiting
@@ -182,8 +182,6 @@ class DynamicBatcher:
     def _take_batch(self) -> list[_Pending] | None:
         with self._cond:
             while not self._queue:
-                if self._background and self._background_run is None:  # only background work waits: up to a batch of it
-                    return self._pop_batch(self._background)[0]
                 if self._closing:
                     return None
                 self._cond.wait()
@@ -256,10 +254,9 @@ class DynamicBatcher:
             if live:
                 self._execute(live, now, run)
 
-    def _compute(self, images: np.ndarray, run: Callable[[np.ndarray], Rows]) -> Rows:
+    def _compute(self, images: np.ndarray, run: Callable[[np.ndarray], Rows], foreground: bool) -> Rows:
         """The runtime call(s); `busy` meanwhile (for the callers' work: the background thread's
         runs leave it alone), and no longer by the time the callers get answers."""
-        foreground = run is self._run
         if foreground:
             self._running = True
         try:
@@ -276,7 +273,7 @@ class DynamicBatcher:
         images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
         try:
             t0 = time.perf_counter()
-            rows = self._compute(images, run)
+            rows = self._compute(images, run, foreground=not batch[0].background)
             inference_s = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - every waiting client must get an answer
             error = exc if isinstance(exc, InferenceFailed) else InferenceFailed("inference failed; see the server log")

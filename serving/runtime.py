@@ -119,12 +119,8 @@ class OnnxModel:
 
     def __init__(self, name: str, version: int, directory: Path, options: RuntimeOptions):
         self.name, self.version, self.directory = name, version, directory
-        model_path = directory / MODEL_FILE
         self.card = ModelCard.read(directory / CARD_FILE)
-        try:
-            model_bytes = model_path.read_bytes()
-        except OSError as exc:
-            raise ModelLoadError(f"cannot read {MODEL_FILE}: {exc.strerror}") from None
+        model_bytes = self._read_model_file()
         self.sha256 = hashlib.sha256(model_bytes).hexdigest()
         if self.card.sha256 and self.card.sha256 != self.sha256:
             raise ModelLoadError(
@@ -145,6 +141,12 @@ class OnnxModel:
         meta = self.session.get_modelmeta()
         self.metadata: dict[str, str] = dict(meta.custom_metadata_map)
         self.class_names = self.card.class_names
+
+    def _read_model_file(self) -> bytes:
+        try:
+            return (self.directory / MODEL_FILE).read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read {MODEL_FILE}: {exc.strerror}") from None
 
     def _check_signature(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -209,10 +211,7 @@ class OnnxModel:
         onnxruntime's pool threads would run at normal priority), and no spin-waiting."""
         with self._background_lock:
             if self._background_session is None:
-                try:
-                    model_bytes = (self.directory / MODEL_FILE).read_bytes()
-                except OSError as exc:
-                    raise ModelLoadError(f"cannot read {MODEL_FILE}: {exc.strerror}") from None
+                model_bytes = self._read_model_file()
                 if hashlib.sha256(model_bytes).hexdigest() != self.sha256:
                     raise ModelLoadError(f"{MODEL_FILE} changed on disk since the version was loaded")
                 self._background_session = create_session(model_bytes, replace(self._options, intra_op_threads=1, intra_op_spinning=False))

@@ -7,7 +7,7 @@ only when none of that version's own requests wait, on a session of its own that
 spin-wait for more work once a copy is done), at most `max_inflight_images` images are
 out at once, and it is dropped first under load: while the answering version is busy (by
 default: running a batch or holding queued requests; with `drop_queue_images` N > 0: holding N
-images or more in its queue), or once it has waited longer than `max_age_s`. The comparison runs on the shadow version's batcher thread, never on the event
+images or more in its queue), or once it has waited longer than `max_age_s`. The comparison runs on the shadow version's background thread, never on the event
 loop.
 """
 
@@ -116,7 +116,7 @@ class ShadowDispatcher:
 
     def _compare(self, pair: ShadowPair, done: Future, primary_probabilities: np.ndarray, started: float,
                  count: int) -> None:
-        """On the shadow's batcher thread: top-1 agreement and confidence of the two answers."""
+        """On the shadow's background thread: top-1 agreement and confidence of the two answers."""
         self._release(count)
         error = done.exception()
         if error is not None:
